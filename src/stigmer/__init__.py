@@ -1,0 +1,3 @@
+"""Stigmer local mode."""
+
+__version__ = "0.1.0"
