@@ -1,0 +1,58 @@
+"""Every test runs with STIGMER_HOME and HOME in a temp dir: the real home directory is never touched."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from stigmer.paths import Paths
+
+PROXY_VARS = ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY")
+
+
+@pytest.fixture(autouse=True)
+def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Paths:
+    home = tmp_path / "stigmer-home"
+    user_home = tmp_path / "user-home"
+    user_home.mkdir()
+    monkeypatch.setenv("STIGMER_HOME", str(home))
+    monkeypatch.setenv("HOME", str(user_home))
+    monkeypatch.setenv("OLLAMA_MODELS", str(user_home / ".ollama" / "models"))
+    monkeypatch.setenv("NO_COLOR", "1")
+    for var in [v for v in os.environ if v.startswith("STIGMER_") and v != "STIGMER_HOME"]:
+        monkeypatch.delenv(var)
+    for var in PROXY_VARS:
+        monkeypatch.delenv(var, raising=False)
+    return Paths(home)
+
+
+def stigmer_exe() -> list[str]:
+    exe = shutil.which("stigmer")
+    return [exe] if exe else [sys.executable, "-m", "stigmer"]
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run the installed `stigmer` command for real, in a subprocess, with the test's environment."""
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    return subprocess.run([*stigmer_exe(), *args], env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def cli() -> object:
+    return run_cli
+
+
+@pytest.fixture
+def stop_llm(isolated_home: Paths) -> Iterator[None]:
+    """Stops whatever LLM server a test started through the product, even when the test fails."""
+    yield
+    from stigmer.llm.provider import stop_managed
+
+    stop_managed(isolated_home)
