@@ -229,12 +229,11 @@ def parse_range(header: str, size: int) -> tuple[int, int] | None | str:
             return "416"
         return max(0, size - n), size - 1
     start = int(first)
-    end = int(last) if last else size - 1
-    if end < start:
+    if last and int(last) < start:
         return None
     if start >= size:
         return "416"
-    return start, min(end, size - 1)
+    return start, min(int(last) if last else size - 1, size - 1)
 
 
 class _Handler(BaseHTTPRequestHandler):
