@@ -66,7 +66,7 @@ def extract(archive: Path, target: Path) -> None:
 
 def _extract_tar(tar: tarfile.TarFile, target: Path, archive: Path) -> None:
     try:
-        tar.extractall(target, filter="data")
+        tar.extractall(target, filter=_strict_filter)
     except tarfile.AbsolutePathError as e:
         raise _unsafe(archive, f"member {e.tarinfo.name!r} has an absolute path") from e
     except tarfile.OutsideDestinationError as e:
@@ -77,6 +77,13 @@ def _extract_tar(tar: tarfile.TarFile, target: Path, archive: Path) -> None:
         raise _unsafe(archive, f"member {e.tarinfo.name!r} is a device or special file") from e
     except tarfile.FilterError as e:
         raise _unsafe(archive, str(e)) from e
+
+
+def _strict_filter(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo | None:
+    """tarfile's "data" filter, except that absolute names are refused instead of made relative."""
+    if member.name.startswith(("/", "\\")) or PureWindowsPath(member.name).drive:
+        raise tarfile.AbsolutePathError(member)
+    return tarfile.data_filter(member, dest)
 
 
 def _extract_zip(archive: Path, target: Path) -> None:

@@ -335,11 +335,11 @@ def archive_members(path: Path) -> dict[str, tuple[str, int, str]]:
     out: dict[str, tuple[str, int, str]] = {}
     if path.name.endswith(".zip"):
         with zipfile.ZipFile(path) as zf:
-            for info in zf.infolist():
-                mode = info.external_attr >> 16
-                kind = "symlink" if stat.S_ISLNK(mode) else "dir" if info.is_dir() else "file"
-                link = zf.read(info).decode() if kind == "symlink" else ""
-                out[info.filename] = (kind, stat.S_IMODE(mode), link)
+            for zinfo in zf.infolist():
+                mode = zinfo.external_attr >> 16
+                kind = "symlink" if stat.S_ISLNK(mode) else "dir" if zinfo.is_dir() else "file"
+                link = zf.read(zinfo).decode() if kind == "symlink" else ""
+                out[zinfo.filename] = (kind, stat.S_IMODE(mode), link)
         return out
     raw = path.open("rb")
     try:

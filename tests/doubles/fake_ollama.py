@@ -37,7 +37,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -206,7 +206,7 @@ class Layer:
     seed: str = ""  # model layers are generated from a seed; others are held in `data`
     data: bytes = b""
 
-    def chunks(self, start: int = 0) -> Iterator[bytes]:
+    def chunks(self, start: int = 0) -> Generator[bytes, None, None]:
         """The layer's bytes from `start`, in generation blocks (the first may be shorter)."""
         if not self.seed:
             yield self.data[start:]
@@ -323,7 +323,7 @@ class Store:
 
     def entries(self) -> list[tuple[Name, Path]]:
         """Every manifest in the store: manifests/HOST/NAMESPACE/MODEL/TAG."""
-        found = []
+        found: list[tuple[Name, Path]] = []
         if not self.manifests.is_dir():
             return found
         for path in sorted(self.manifests.glob("*/*/*/*")):
@@ -433,7 +433,8 @@ def _env_float(name: str, default: float) -> float:
 
 
 def pull_events(store: Store, name: Name, catalog: Mapping[tuple[str, str, str, str], CatalogModel], *,
-                delay: float | None = None, fault: str | None = None) -> Iterator[dict[str, Any]]:
+                delay: float | None = None, fault: str | None = None,
+                ) -> Generator[dict[str, Any], None, None]:
     """The progress of a pull, as the ndjson objects ollama streams; raises PullError on failure.
 
     `delay` and `fault` default to FAKE_OLLAMA_PULL_DELAY and FAKE_OLLAMA_PULL_ERROR.
@@ -462,6 +463,9 @@ def pull_events(store: Store, name: Name, catalog: Mapping[tuple[str, str, str, 
             yield {**status, "completed": layer.size}
             continue
         with store.blob_lock(layer.digest):
+            if final.exists():  # another pull finished it while this one waited for the lock
+                yield {**status, "completed": layer.size}
+                continue
             partial = final.with_name(final.name + "-partial")
             done = partial.stat().st_size if partial.exists() else 0
             if done > layer.size:
@@ -680,13 +684,13 @@ class _Handler(BaseHTTPRequestHandler):
                     del app.loaded[key]
             loaded = dict(app.loaded)
         for name, path in app.store.entries():
-            expiry = loaded.get(name.key)
-            if expiry is not None:
+            until = loaded.get(name.key)
+            if until is not None:
                 with contextlib.suppress(OSError, ValueError, KeyError):
                     info = app.store.summary(name, path)
                     info.pop("modified_at")
                     info.update({
-                        "expires_at": rfc3339nano(int(expiry * 1e9)),
+                        "expires_at": rfc3339nano(int(until * 1e9)),
                         "size_vram": info["size"],
                         "context_length": 4096,
                     })

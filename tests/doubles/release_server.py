@@ -287,11 +287,13 @@ class _Handler(BaseHTTPRequestHandler):
             self._write(record, body)
 
     def _write(self, record: RequestRecord, data: bytes) -> None:
+        # Counted before writing: a client that has read everything must find the stats settled.
+        self.server.owner._count_bytes(record, len(data))
         try:
             self.wfile.write(data)
         except (BrokenPipeError, ConnectionResetError) as exc:
+            self.server.owner._count_bytes(record, -len(data))
             raise _Cut from exc
-        self.server.owner._count_bytes(record, len(data))
 
     def _route(self, owner: ReleaseServer, record: RequestRecord, path: str, query: str) -> None:
         status = owner._take_fail(path)
