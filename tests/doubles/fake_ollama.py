@@ -1159,7 +1159,8 @@ class FakeOllama:
             try:
                 req = urllib.request.Request(self.url + "/", method="HEAD")
                 with urllib.request.urlopen(req, timeout=1) as resp:
-                    if resp.status == 200:
+                    # The log reader thread may lag behind: also wait for the line tests look for.
+                    if resp.status == 200 and any("Listening on" in line for line in self.log_lines):
                         return
             except OSError:
                 pass

@@ -27,7 +27,8 @@ import os
 import threading
 import time
 import urllib.error
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from http.client import HTTPException
 from pathlib import Path
 from typing import Any
 
@@ -129,8 +130,7 @@ class _Job:
         self.partial, self.record = partial_path(dest), record_path(dest)
         self.parts: list[_Part] = []
         self.cond = threading.Condition()
-        self.stop = threading.Event()
-        self.failure: BaseException | None = None
+        self.hexdigest = ""
         self.epoch = 0  # bumped when bytes already hashed may be rewritten (single-stream restart)
         self.fd: int | None = None
 
@@ -153,13 +153,11 @@ class _Job:
         if resumed:
             log.info("resuming %s at %d of %d bytes", self.what, resumed, self.size)
         pending = [p for p in self.parts if not p.complete]
-        first: tuple[_Part, Any] | None = None
-        if pending:
-            first = self._probe(pending[0])
         try:
             try:
-                self._transfer(first)
-            except _RangeIgnored:
+                self._transfer(self._probe(pending[0]) if pending else None)
+            except _RangeIgnored as e:
+                e.args[0].close()
                 log.info("%s ignored a Range request; downloading %s in one stream from the start",
                          http.redact(self.final_url), self.what)
                 self._reset_single()
@@ -176,6 +174,8 @@ class _Job:
                 "Run the command again; if it repeats, check the registry or mirror (llm.registry_url).",
                 code="checksum_mismatch",
             )
+        if os.name == "nt":
+            self.close()  # Windows renames no open file; elsewhere the lock is held through the rename
         os.replace(self.partial, self.dest)
         self.record.unlink(missing_ok=True)
         return Downloaded(self.dest, digest, self.size, resumed, self.final_url)
@@ -228,6 +228,8 @@ class _Job:
         os.replace(tmp, self.record)
 
     def _discard(self) -> None:
+        if os.name == "nt":
+            self.close()
         self.partial.unlink(missing_ok=True)
         self.record.unlink(missing_ok=True)
 
@@ -287,9 +289,7 @@ class _Job:
                 code="download_http_error",
             ) from None
         except (urllib.error.URLError, OSError) as e:
-            reason = getattr(e, "reason", e)
-            if first and isinstance(reason, ConnectionRefusedError | OSError) and http.describe(e) in (
-                    "connection refused", "host name could not be resolved"):
+            if first and http.describe(e) in ("connection refused", "host name could not be resolved"):
                 raise NetworkUnreachable(
                     f"Failed to download {self.what}: {http.describe(e)}.", code="network_unreachable",
                     hint=f"Could not reach {http.redact(url)}. Check your connection (and HTTPS_PROXY).",
@@ -308,8 +308,8 @@ class _Job:
         if length is not None and int(length) != self.size:
             resp.close()
             raise self._wrong_size(f"{length} bytes")
-        if ranged:
-            raise _RangeIgnored(resp)
+        if ranged and len(self.parts) > 1:
+            raise _RangeIgnored(resp)  # in single-stream mode _stream restarts from byte 0 instead
         return resp
 
     def _wrong_size(self, got: str) -> IntegrityError:
@@ -328,48 +328,50 @@ class _Job:
 
     def _transfer(self, first: tuple[_Part, Any] | None) -> None:
         """Run workers and the hasher until every part is done; the calling thread reports progress."""
-        self.stop.clear()
-        self.failure = None
+        run = _Run()  # per transfer: a worker left over from an earlier one sees only its own stop flag
         with self.cond:
             for p in self.parts:
                 p.claimed = False
+            if first is not None:
+                first[0].claimed = True
             pending = sum(1 for p in self.parts if not p.complete)
         n = min(self.streams, pending)
-        workers = [threading.Thread(target=self._worker, args=(first if i == 0 else None,),
+        workers = [threading.Thread(target=self._worker, args=(run, first if i == 0 else None),
                                     name=f"part-{i}", daemon=True) for i in range(n)]
         hasher = _Hasher(self)
         for t in (*workers, hasher):
             t.start()
         last_record = time.monotonic()
         saved_complete = self._complete_count()
+        finished = False
         try:
             if self.on_progress:
                 self.on_progress(self._done(), self.size)
-            while True:
+            while run.failure is None and any(t.is_alive() for t in workers):
                 with self.cond:
                     self.cond.wait(PROGRESS_EVERY)
-                    failure = self.failure
-                if failure is not None or not any(t.is_alive() for t in workers):
-                    break
                 if self.on_progress:
                     self.on_progress(self._done(), self.size)
                 now, complete = time.monotonic(), self._complete_count()
                 if now - last_record >= RECORD_EVERY or complete != saved_complete:
                     self._save_record()
                     last_record, saved_complete = now, complete
+            finished = run.failure is None
         finally:
             # Also on Ctrl-C: stop workers at their next chunk, then record what reached the file.
-            self.stop.set()
+            run.stop.set()
             with self.cond:
                 self.cond.notify_all()
+            deadline = time.monotonic() + 2
             for t in workers:
-                t.join(timeout=2)  # one blocked in recv may linger; it owns its fd and writes nothing more
-            if self.failure is not None:
+                # One blocked in recv may linger until its timeout: it owns its fd and writes nothing more.
+                t.join(timeout=max(0.0, deadline - time.monotonic()))
+            if not finished:
                 hasher.cancel()
             if self.partial.exists():
                 self._save_record()
-        if self.failure is not None:
-            raise self.failure
+        if run.failure is not None:
+            raise run.failure
         hasher.join()
         if hasher.error is not None:
             raise hasher.error
@@ -389,66 +391,62 @@ class _Job:
                     return p
         return None
 
-    def _fail(self, e: BaseException) -> None:
-        with self.cond:
-            if self.failure is None:
-                self.failure = e
-            self.stop.set()
-            self.cond.notify_all()
-
-    def _worker(self, first: tuple[_Part, Any] | None) -> None:
+    def _worker(self, run: _Run, first: tuple[_Part, Any] | None) -> None:
         buf = bytearray(CHUNK)
         try:
             with open(self.partial, "r+b", buffering=0) as out:  # own fd: seek+write never races
                 if first is not None:
-                    first[0].claimed = True
-                    self._fetch(first[0], first[1], out, buf)
-                while not self.stop.is_set() and (part := self._claim()) is not None:
-                    self._fetch(part, None, out, buf)
+                    self._fetch(run, first[0], first[1], out, buf)
+                while not run.stop.is_set() and (part := self._claim()) is not None:
+                    self._fetch(run, part, None, out, buf)
         except BaseException as e:  # noqa: B036 - handed to the coordinating thread, which re-raises
-            self._fail(e)
+            with self.cond:
+                if run.failure is None:
+                    run.failure = e
+                run.stop.set()
+                self.cond.notify_all()
 
-    def _fetch(self, part: _Part, resp: Any, out: Any, buf: bytearray) -> None:
+    def _fetch(self, run: _Run, part: _Part, resp: Any, out: Any, buf: bytearray) -> None:
         attempt = 0
-        while not part.complete and not self.stop.is_set():
+        while not part.complete and not run.stop.is_set():
             before = part.done
             try:
                 if resp is None:
                     resp = self._open(self.final_url, part)
-                self._stream(part, resp, out, buf)
+                self._stream(run, part, resp, out, buf)
             except _Transient as e:
                 if part.done > before:
-                    attempt = 0  # progress since the last failure: this is a flaky link, not a dead one
+                    attempt = 0  # progress since the last failure: a flaky link, not a dead one
                 attempt += 1
                 if attempt >= ATTEMPTS:
                     raise self._gave_up(e) from e
                 delay = backoff(attempt)
                 log.info("part %d-%d of %s: %s; retrying in %.2fs", part.start, part.end, self.what, e, delay)
-                self.stop.wait(delay)
+                run.stop.wait(delay)
             finally:
                 if resp is not None:
                     resp.close()
                     resp = None
 
-    def _stream(self, part: _Part, resp: Any, out: Any, buf: bytearray) -> None:
-        if resp.status == 200 and part.done:  # single stream restarted from byte 0 by the server
+    def _stream(self, run: _Run, part: _Part, resp: Any, out: Any, buf: bytearray) -> None:
+        if resp.status == 200 and part.done:  # a single stream the server restarted from byte 0
             with self.cond:
                 part.done = 0
                 self.epoch += 1
         view = memoryview(buf)
         pos = part.pos
         out.seek(pos)
-        while pos < part.end:
-            if self.stop.is_set():
-                return
+        while pos < part.end and not run.stop.is_set():
             try:
                 n = resp.readinto(view[: min(CHUNK, part.end - pos)])
             except (OSError, ValueError) as e:  # ValueError: read on a closed response
                 raise _Transient(http.describe(e)) from None
-            except Exception as e:  # http.client.IncompleteRead and friends
+            except HTTPException as e:  # IncompleteRead: cut mid-body
                 raise _Transient(f"connection closed early ({type(e).__name__})") from None
             if not n:
                 raise _Transient(f"connection closed at byte {pos}")
+            if run.stop.is_set():
+                return  # stopped while waiting for these bytes: the record is already final
             try:
                 written = 0
                 while written < n:
@@ -463,7 +461,11 @@ class _Job:
                 part.done += n
                 self.cond.notify_all()
 
-    hexdigest = ""
+
+@dataclass
+class _Run:
+    stop: threading.Event = field(default_factory=threading.Event)
+    failure: BaseException | None = None
 
 
 class _Hasher(threading.Thread):
