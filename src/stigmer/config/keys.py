@@ -162,6 +162,13 @@ KEYS: tuple[Key, ...] = (
         parse=_bool,
     ),
     Key(
+        "llm.fallback_base_url",
+        (*LLM, "fallback_base_url"),
+        "http://127.0.0.1:11435",
+        "Where the built-in engine listens when it stands in for the runtime (offline fallback).",
+        parse=_url,
+    ),
+    Key(
         "temporal.managed",
         ("backend", "local", "temporal", "managed"),
         True,

@@ -104,8 +104,9 @@ def from_ollama_store(
             continue  # a partial or damaged blob: not usable
         template = _read_layer(root, layers.get(TEMPLATE_LAYER))
         params_text = _read_layer(root, layers.get(PARAMS_LAYER))
+        stored_name = ModelName(name.host, name.namespace, manifest.parent.name, manifest.name).short
         model = StoredModel(
-            name.short,
+            stored_name,
             "ollama-cache",
             blob.stat().st_size,
             str(model_layer["digest"]).removeprefix("sha256:"),
