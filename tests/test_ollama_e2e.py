@@ -50,7 +50,8 @@ def downloads(srv: ReleaseServer) -> list[str]:
 
 
 def test_first_run_second_run_stop(isolated_home: Paths, releases: ReleaseServer) -> None:
-    env = env_for(releases)
+    # proxies in the environment: downloads from loopback bypass them, the runtime must receive them
+    env = env_for(releases, HTTPS_PROXY="http://proxy.invalid:3128", NO_PROXY="localhost,127.0.0.1")
     r = run_cli("server", env=env)
     assert r.returncode == 0, r.stderr
     out = r.stdout
@@ -76,7 +77,9 @@ def test_first_run_second_run_stop(isolated_home: Paths, releases: ReleaseServer
     assert rec is not None and records.is_ours(rec)
     proc = psutil.Process(rec.pid)
     port = env["STIGMER_LLM_BASE_URL"].rsplit(":", 1)[1]
-    assert proc.environ()["OLLAMA_HOST"] == f"127.0.0.1:{port}"
+    child_env = proc.environ()
+    assert child_env["OLLAMA_HOST"] == f"127.0.0.1:{port}"
+    assert child_env["HTTPS_PROXY"] == "http://proxy.invalid:3128" and child_env["NO_PROXY"]
     assert os.getsid(rec.pid) == rec.pid  # its own session: detached from the CLI
     assert isolated_home.llm_log.read_text().strip()
 

@@ -129,7 +129,8 @@ class FakeRegistry:
             digest, size = self._add_blob(source)
             kinds[kind] = digest
             layers.append({"mediaType": MEDIA + kind, "digest": digest, "size": size})
-        config, config_size = self._add_blob(json.dumps({"model_format": "gguf", "model_family": "llama"}).encode())
+        config_json = json.dumps({"model_format": "gguf", "model_family": "llama"}).encode()
+        config, config_size = self._add_blob(config_json)
         manifest = {"schemaVersion": 2, "mediaType": MANIFEST_TYPE,
                     "config": {"mediaType": "application/vnd.docker.container.image.v1+json",
                                "digest": config, "size": config_size},
@@ -305,8 +306,8 @@ class _CdnHandler(_Handler):
                 if a == stall:
                     self.fake.closing.wait(self.fake.stall_seconds)
                 if a == corrupt_at:
-                    byte = f.read(0) or (bytes([src[a]]) if isinstance(src, bytes) else os.pread(f.fileno(), 1, a))
-                    self.connection.sendall(bytes([byte[0] ^ 0xFF]))
+                    orig = src[a] if isinstance(src, bytes) else os.pread(f.fileno(), 1, a)[0]
+                    self.connection.sendall(bytes([orig ^ 0xFF]))
                     rec.sent += 1
                     continue
                 self._send_range(rec, src, f, a, b)

@@ -18,8 +18,6 @@ Handler = Callable[[argparse.Namespace], int]
 
 
 def _parser() -> argparse.ArgumentParser:
-    from stigmer.cli import config_cmd, llm_cmd, server_cmd
-
     p = argparse.ArgumentParser(
         prog="stigmer", description="Stigmer local mode: a managed local LLM and AI agents on your machine."
     )
@@ -33,52 +31,61 @@ def _parser() -> argparse.ArgumentParser:
         description="Start the Local LLM (downloading and installing what is missing) "
         "and print its configuration once the model is really available.",
     )
-    server.set_defaults(handler=server_cmd.start)
+    server.set_defaults(handler="server_cmd:start")
     ssub = server.add_subparsers(dest="server_command", metavar="SUBCOMMAND")
     ssub.add_parser("stop", help="stop the Local LLM that Stigmer started").set_defaults(
-        handler=server_cmd.stop
+        handler="server_cmd:stop"
     )
     st = ssub.add_parser("status", help="show what is running")
     st.add_argument("--json", action="store_true", help="machine-readable output")
-    st.set_defaults(handler=llm_cmd.status)
+    st.set_defaults(handler="llm_cmd:status")
     logs = ssub.add_parser("logs", help="show the Local LLM log")
     logs.add_argument("-n", "--lines", type=int, default=50, help="how many lines (default 50)")
     logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
-    logs.set_defaults(handler=server_cmd.logs)
+    logs.set_defaults(handler="server_cmd:logs")
 
     llm = ssub.add_parser("llm", help="manage Local LLM models")
     lsub = llm.add_subparsers(dest="llm_command", metavar="SUBCOMMAND", required=True)
     ls = lsub.add_parser("list", help="list downloaded models (current one marked)")
     ls.add_argument("--json", action="store_true", help="machine-readable output")
-    ls.set_defaults(handler=llm_cmd.list_models)
+    ls.set_defaults(handler="llm_cmd:list_models")
     pull = lsub.add_parser("pull", help="download a model")
     pull.add_argument("model", help="e.g. qwen2.5-coder:7b, or hf.co/ORG/REPO:QUANT for the built-in engine")
-    pull.set_defaults(handler=llm_cmd.pull)
+    pull.set_defaults(handler="llm_cmd:pull")
     rm = lsub.add_parser("rm", help="remove a downloaded model")
     rm.add_argument("model")
-    rm.set_defaults(handler=llm_cmd.remove)
+    rm.set_defaults(handler="llm_cmd:remove")
     lst = lsub.add_parser("status", help="is the Local LLM running, with which model")
     lst.add_argument("--json", action="store_true", help="machine-readable output")
-    lst.set_defaults(handler=llm_cmd.status)
+    lst.set_defaults(handler="llm_cmd:status")
     imp = lsub.add_parser("import", help="add a local GGUF file to the built-in engine's models")
     imp.add_argument("path", help="path to a .gguf file")
     imp.add_argument("--name", required=True, help="name to serve it under, e.g. mymodel:q4")
-    imp.set_defaults(handler=llm_cmd.import_model)
+    imp.set_defaults(handler="llm_cmd:import_model")
 
     cfg = sub.add_parser("config", help="read and change settings")
     csub = cfg.add_subparsers(dest="config_command", metavar="SUBCOMMAND", required=True)
     g = csub.add_parser("get", help="print one setting")
     g.add_argument("key")
-    g.set_defaults(handler=config_cmd.get)
+    g.set_defaults(handler="config_cmd:get")
     s = csub.add_parser("set", help="change one setting (validated, written atomically)")
     s.add_argument("key")
     s.add_argument("value")
-    s.set_defaults(handler=config_cmd.set_)
+    s.set_defaults(handler="config_cmd:set_")
     cl = csub.add_parser("list", help="every setting with its value and where it comes from")
     cl.add_argument("--json", action="store_true", help="machine-readable output")
-    cl.set_defaults(handler=config_cmd.list_)
-    csub.add_parser("path", help="where config.yaml is").set_defaults(handler=config_cmd.path)
+    cl.set_defaults(handler="config_cmd:list_")
+    csub.add_parser("path", help="where config.yaml is").set_defaults(handler="config_cmd:path")
     return p
+
+
+def _load(target: str) -> Handler:
+    """Import only the command module that runs (keeps `stigmer` quick to start)."""
+    import importlib
+
+    module, _, func = target.partition(":")
+    handler: Handler = getattr(importlib.import_module(f"stigmer.cli.{module}"), func)
+    return handler
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -88,14 +95,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.basicConfig(
             level=logging.DEBUG, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr
         )
-    handler: Handler | None = getattr(args, "handler", None)
-    if handler is None:
+    target: str | None = getattr(args, "handler", None)
+    if target is None:
         parser.print_help()
         return 0
     from stigmer.cli.render import Out
 
     try:
-        return handler(args)
+        return _load(target)(args)
     except StigmerError as e:
         if args.debug:
             logging.exception("error")

@@ -10,10 +10,12 @@ import json
 import os
 import sys
 from dataclasses import asdict, is_dataclass
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-from stigmer.llm.provider import Event, LlmStatus, ModelInfo
-from stigmer.net.download import human_bytes
+from stigmer.units import human_bytes
+
+if TYPE_CHECKING:
+    from stigmer.llm.provider import Event, LlmStatus, ModelInfo
 
 RULE = "─" * 37
 _COLORS = {"green": "32", "red": "31", "cyan": "36", "yellow": "33", "bold": "1", "dim": "2"}

@@ -28,8 +28,12 @@ class ChatClient:
 
     def chat(self, messages: list[Message], **options: Any) -> str:
         try:
-            with http.request(self.base_url + "/v1/chat/completions", method="POST",
-                              body=self._body(messages, False, options), timeout=self.timeout) as resp:
+            with http.request(
+                self.base_url + "/v1/chat/completions",
+                method="POST",
+                body=self._body(messages, False, options),
+                timeout=self.timeout,
+            ) as resp:
                 data = json.loads(resp.read())
         except urllib.error.HTTPError as e:
             raise _failed(http.error_body(e) or f"HTTP {e.code}") from None
@@ -40,8 +44,12 @@ class ChatClient:
     def stream(self, messages: list[Message], **options: Any) -> Iterator[str]:
         """Yield the text of each streamed chunk (Server-Sent Events) as it arrives."""
         try:
-            with http.request(self.base_url + "/v1/chat/completions", method="POST",
-                              body=self._body(messages, True, options), timeout=self.timeout) as resp:
+            with http.request(
+                self.base_url + "/v1/chat/completions",
+                method="POST",
+                body=self._body(messages, True, options),
+                timeout=self.timeout,
+            ) as resp:
                 for raw in resp:
                     line = raw.strip()
                     if not line.startswith(b"data:"):
@@ -61,5 +69,8 @@ class ChatClient:
 
 
 def _failed(why: str) -> StigmerError:
-    return StigmerError(f"The Local LLM request failed: {why}.", code="llm_request_failed",
-                        hint="Check it is running: stigmer server llm status")
+    return StigmerError(
+        f"The Local LLM request failed: {why}.",
+        code="llm_request_failed",
+        hint="Check it is running: stigmer server llm status",
+    )

@@ -9,8 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 from stigmer.config.store import Settings
-from stigmer.net.download import human_bytes
 from stigmer.paths import Paths
+from stigmer.units import human_bytes
 
 
 def applies(settings: Settings) -> bool:

@@ -9,19 +9,20 @@ from __future__ import annotations
 
 import importlib
 import os
-import subprocess
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import urlsplit
 
 from stigmer.config.store import Settings
 from stigmer.errors import StigmerError
 from stigmer.paths import Paths
-from stigmer.proc import ready, spawn
 from stigmer.proc import record as records
 from stigmer.proc.record import ProcessRecord
+
+if TYPE_CHECKING:
+    import subprocess
 
 INITIALIZING, INSTALLING, STARTING = "Initializing", "Installing", "Starting"
 
@@ -145,6 +146,8 @@ class ManagedServer(Provider, ABC):
     def launch(
         self, argv: list[str], env: dict[str, str], probe: Callable[[], bool], *, timeout: float = 30.0
     ) -> ProcessRecord:
+        from stigmer.proc import ready, spawn  # not needed by status and list: keep them light
+
         self.paths.ensure(self.paths.home, self.paths.logs_dir)
         proc, rec = spawn.start_detached(
             argv,
@@ -185,6 +188,8 @@ class ManagedServer(Provider, ABC):
 
 def stop_managed(paths: Paths) -> ProcessRecord | None:
     """Stop the LLM server this product started, whichever provider it is; None when there is none."""
+    from stigmer.proc import spawn
+
     rec = records.live_record(paths.llm_pid)
     if rec is None:
         return None
@@ -194,6 +199,8 @@ def stop_managed(paths: Paths) -> ProcessRecord | None:
 
 
 def _reap(proc: subprocess.Popen[bytes]) -> None:
+    import subprocess
+
     try:
         proc.wait(timeout=5)
     except subprocess.TimeoutExpired:

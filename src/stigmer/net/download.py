@@ -22,6 +22,7 @@ from pathlib import Path
 from stigmer.errors import IntegrityError, NetworkUnreachable, StigmerError
 from stigmer.fsutil import free_bytes
 from stigmer.net import http
+from stigmer.units import human_bytes as human_bytes  # re-exported for callers
 
 log = logging.getLogger(__name__)
 
@@ -55,14 +56,6 @@ def check_disk(folder: Path, need: int, what: str) -> None:
             "what was already downloaded is kept.",
             code="disk_full",
         )
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} GB"
 
 
 def _hash_file(path: Path, upto: int) -> hashlib._Hash:

@@ -113,8 +113,16 @@ def download_parts(
     on_progress(done, size) is called from this thread about 10 times a second.
     """
     dest.parent.mkdir(parents=True, exist_ok=True)
-    job = _Job(url, dest, sha256=sha256.lower().removeprefix("sha256:"), size=size, what=what,
-               on_progress=on_progress, timeout=timeout, streams=streams or STREAMS)
+    job = _Job(
+        url,
+        dest,
+        sha256=sha256.lower().removeprefix("sha256:"),
+        size=size,
+        what=what,
+        on_progress=on_progress,
+        timeout=timeout,
+        streams=streams or STREAMS,
+    )
     try:
         return job.run(parts)
     finally:
@@ -122,8 +130,18 @@ def download_parts(
 
 
 class _Job:
-    def __init__(self, url: str, dest: Path, *, sha256: str, size: int, what: str,
-                 on_progress: ProgressFn | None, timeout: float, streams: int) -> None:
+    def __init__(
+        self,
+        url: str,
+        dest: Path,
+        *,
+        sha256: str,
+        size: int,
+        what: str,
+        on_progress: ProgressFn | None,
+        timeout: float,
+        streams: int,
+    ) -> None:
         self.url, self.final_url, self.dest = url, url, dest
         self.sha256, self.size, self.what = sha256, size, what
         self.on_progress, self.timeout, self.streams = on_progress, timeout, streams
@@ -158,8 +176,11 @@ class _Job:
                 self._transfer(self._probe(pending[0]) if pending else None)
             except _RangeIgnored as e:
                 e.args[0].close()
-                log.info("%s ignored a Range request; downloading %s in one stream from the start",
-                         http.redact(self.final_url), self.what)
+                log.info(
+                    "%s ignored a Range request; downloading %s in one stream from the start",
+                    http.redact(self.final_url),
+                    self.what,
+                )
                 self._reset_single()
                 self._transfer(None)
         except IntegrityError:
@@ -195,9 +216,11 @@ class _Job:
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            raise StigmerError(f"Another process is already downloading {self.what}.",
-                               hint="Wait for it to finish, or stop it and run the command again.",
-                               code="download_busy") from None
+            raise StigmerError(
+                f"Another process is already downloading {self.what}.",
+                hint="Wait for it to finish, or stop it and run the command again.",
+                code="download_busy",
+            ) from None
 
     def _load_record(self) -> list[_Part] | None:
         """The recorded parts when they describe this very file, else None (start over)."""
@@ -220,8 +243,11 @@ class _Job:
 
     def _save_record(self) -> None:
         with self.cond:
-            body = {"size": self.size, "sha256": self.sha256,
-                    "parts": [{"start": p.start, "end": p.end, "done": p.done} for p in self.parts]}
+            body = {
+                "size": self.size,
+                "sha256": self.sha256,
+                "parts": [{"start": p.start, "end": p.end, "done": p.done} for p in self.parts],
+            }
         # No fsync: it would force the whole partial to disk (ext4 ordered mode) and halve throughput.
         tmp = self.record.with_name(self.record.name + ".tmp")
         tmp.write_text(json.dumps(body), encoding="utf-8")
@@ -259,8 +285,11 @@ class _Job:
             except _RangeIgnored as e:
                 resp = e.args[0]
                 self.final_url = resp.geturl()
-                log.info("%s ignored a Range request; downloading %s in one stream from the start",
-                         http.redact(self.final_url), self.what)
+                log.info(
+                    "%s ignored a Range request; downloading %s in one stream from the start",
+                    http.redact(self.final_url),
+                    self.what,
+                )
                 self._reset_single()
                 return self.parts[0], resp
             except _Transient as e:
@@ -291,7 +320,8 @@ class _Job:
         except (urllib.error.URLError, OSError) as e:
             if first and http.describe(e) in ("connection refused", "host name could not be resolved"):
                 raise NetworkUnreachable(
-                    f"Failed to download {self.what}: {http.describe(e)}.", code="network_unreachable",
+                    f"Failed to download {self.what}: {http.describe(e)}.",
+                    code="network_unreachable",
                     hint=f"Could not reach {http.redact(url)}. Check your connection (and HTTPS_PROXY).",
                 ) from None
             raise _Transient(http.describe(e)) from None
@@ -316,13 +346,15 @@ class _Job:
         return IntegrityError(
             f"Download of {self.what} has the wrong size: expected {self.size} bytes, the server has {got}.",
             hint="The registry or mirror serves a different file; nothing was installed.",
-            code="checksum_mismatch")
+            code="checksum_mismatch",
+        )
 
     def _gave_up(self, e: Exception) -> NetworkUnreachable:
         return NetworkUnreachable(
             f"Download of {self.what} failed after {ATTEMPTS} attempts: {e}.",
             hint="What was downloaded is kept; run the command again to continue where it stopped.",
-            code="download_failed")
+            code="download_failed",
+        )
 
     # --- transfer ----------------------------------------------------------------------------------
 
@@ -336,8 +368,12 @@ class _Job:
                 first[0].claimed = True
             pending = sum(1 for p in self.parts if not p.complete)
         n = min(self.streams, pending)
-        workers = [threading.Thread(target=self._worker, args=(run, first if i == 0 else None),
-                                    name=f"part-{i}", daemon=True) for i in range(n)]
+        workers = [
+            threading.Thread(
+                target=self._worker, args=(run, first if i == 0 else None), name=f"part-{i}", daemon=True
+            )
+            for i in range(n)
+        ]
         hasher = _Hasher(self)
         for t in (*workers, hasher):
             t.start()
@@ -348,8 +384,8 @@ class _Job:
             if self.on_progress:
                 self.on_progress(self._done(), self.size)
             while run.failure is None and any(t.is_alive() for t in workers):
-                with self.cond:
-                    self.cond.wait(PROGRESS_EVERY)
+                run.wake.wait(PROGRESS_EVERY)  # set when a worker ends, so the end is seen at once
+                run.wake.clear()
                 if self.on_progress:
                     self.on_progress(self._done(), self.size)
                 now, complete = time.monotonic(), self._complete_count()
@@ -405,6 +441,8 @@ class _Job:
                     run.failure = e
                 run.stop.set()
                 self.cond.notify_all()
+        finally:
+            run.wake.set()
 
     def _fetch(self, run: _Run, part: _Part, resp: Any, out: Any, buf: bytearray) -> None:
         attempt = 0
@@ -453,8 +491,11 @@ class _Job:
                     written += out.write(view[written:n])
             except OSError as e:
                 if e.errno in (28, 122):  # ENOSPC, EDQUOT
-                    raise StigmerError(f"The disk filled up while downloading {self.what}.", code="disk_full",
-                                       hint="Free some space and run the command again; it resumes.") from e
+                    raise StigmerError(
+                        f"The disk filled up while downloading {self.what}.",
+                        code="disk_full",
+                        hint="Free some space and run the command again; it resumes.",
+                    ) from e
                 raise
             pos += n
             with self.cond:
@@ -465,6 +506,7 @@ class _Job:
 @dataclass
 class _Run:
     stop: threading.Event = field(default_factory=threading.Event)
+    wake: threading.Event = field(default_factory=threading.Event)
     failure: BaseException | None = None
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from stigmer.errors import NetworkUnreachable, StigmerError
 from stigmer.llm.names import parse_model_name, same_model
-from stigmer.llm.ollama import assets, install
+from stigmer.llm.ollama import assets
 from stigmer.llm.provider import (
     INSTALLING,
     STARTING,
@@ -89,6 +89,8 @@ class OllamaProvider(ManagedServer):
         on_path = shutil.which("ollama")
         if on_path:
             return on_path
+        from stigmer.llm.ollama import install  # archive/download code: only when installing
+
         plat = assets.Platform.current()
         ours = install.installed_binary(self.paths, plat)
         pinned = str(self.settings.get("llm.runtime_version"))
@@ -99,6 +101,8 @@ class OllamaProvider(ManagedServer):
     def ensure_runtime(self) -> None:
         if self.runtime_binary():
             return
+        from stigmer.llm.ollama import install
+
         self.report(Event(INSTALLING, "Downloading local LLM"))
         try:
             install.install(self.settings, self.paths, self.report)

@@ -1,0 +1,96 @@
+"""Benchmark: a 500 MB model-layer pull (net.parts, sha256-verified) against curl to disk, on loopback.
+
+Both fetch the same registry blob URL (a 307 to the fake CDN, which serves the file with sendfile), so
+curl gets -L to follow the redirect as download_parts does. Caches are left alone; the order alternates
+and each side runs 3 times; medians are compared. Target: ratio (ours / curl) >= 0.8.
+
+    python bench/pull_vs_curl.py [--mb 500] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.doubles
+
+from stigmer.net.parts import download_parts  # noqa: E402 - after the path set-up above
+from tests.doubles.fake_registry import FakeRegistry  # noqa: E402
+
+MB = 1_000_000
+
+
+def make_file(path: Path, size: int) -> str:
+    h = hashlib.sha256()
+    with path.open("wb") as f:
+        left = size
+        while left:
+            block = os.urandom(min(16 * 1024 * 1024, left))
+            f.write(block)
+            h.update(block)
+            left -= len(block)
+    return h.hexdigest()
+
+
+def time_ours(url: str, dest: Path, sha256: str, size: int) -> float:
+    t = time.perf_counter()
+    download_parts(url, dest, sha256=sha256, size=size, what="bench blob")
+    elapsed = time.perf_counter() - t
+    dest.unlink()
+    return elapsed
+
+
+def time_curl(curl: str, url: str, dest: Path, size: int) -> float:
+    t = time.perf_counter()
+    subprocess.run([curl, "-s", "-L", "-o", str(dest), url], check=True, timeout=300)
+    elapsed = time.perf_counter() - t
+    if dest.stat().st_size != size:
+        raise SystemExit("curl fetched the wrong size")
+    dest.unlink()
+    return elapsed
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--mb", type=int, default=500)
+    ap.add_argument("--repeat", type=int, default=3)
+    args = ap.parse_args()
+    curl = shutil.which("curl")
+    if curl is None:
+        raise SystemExit("curl is not installed")
+    size = args.mb * MB
+    with tempfile.TemporaryDirectory(prefix="stigmer-bench-") as tmp:
+        root = Path(tmp)
+        src = root / "blob.bin"
+        print(f"writing {args.mb} MB of random bytes ...", flush=True)
+        sha = make_file(src, size)
+        with FakeRegistry({"bench:latest": {"model": src}}) as reg:
+            url = reg.blob_url(reg.digest("bench:latest"), "bench")
+            ours: list[float] = []
+            theirs: list[float] = []
+            for i in range(args.repeat):
+                order = ("ours", "curl") if i % 2 == 0 else ("curl", "ours")
+                for who in order:
+                    if who == "ours":
+                        ours.append(time_ours(url, root / "ours.bin", sha, size))
+                    else:
+                        theirs.append(time_curl(curl, url, root / "curl.bin", size))
+                print(f"run {i + 1}: download_parts {size / MB / ours[-1]:7.0f} MB/s   "
+                      f"curl {size / MB / theirs[-1]:7.0f} MB/s", flush=True)
+    ours_mbs = size / MB / statistics.median(ours)
+    curl_mbs = size / MB / statistics.median(theirs)
+    ratio = ours_mbs / curl_mbs
+    print(f"median: download_parts (with sha256) {ours_mbs:.0f} MB/s, curl -> disk {curl_mbs:.0f} MB/s, "
+          f"ratio {ratio:.2f} (target >= 0.8) {'OK' if ratio >= 0.8 else 'BELOW TARGET'}")
+
+
+if __name__ == "__main__":
+    main()
