@@ -3,8 +3,8 @@
 A 500 MB random file is served by a minimal HTTP server (ThreadingHTTPServer + socket.sendfile, Range
 support) running in a child process, so the server never competes for the benchmark's GIL. Each side
 fetches the same URL to a file in the same temp dir; outputs are deleted and the page cache's dirty pages
-flushed (os.sync) between runs; the order alternates. Medians are compared; target: ratio (ours / curl)
->= 0.8.
+flushed (os.sync) between runs. One untimed round, then `--repeat` timed rounds in alternating order.
+Medians are compared; target: ratio (ours / curl) >= 0.8.
 
 Also measured in the same run, to explain the figure:
   - the server's ceiling (curl -> /dev/null),
@@ -24,6 +24,7 @@ import os
 import pstats
 import queue
 import re
+import resource
 import shutil
 import statistics
 import subprocess
@@ -36,6 +37,8 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from stigmer.net.download import download
 
@@ -117,6 +120,79 @@ def start_server(root: Path) -> tuple[subprocess.Popen[str], str]:
 
 
 # -- contenders -------------------------------------------------------------------------------------
+
+
+def cpu_busy(seconds: float = 1.0) -> float | None:
+    """Share of the machine's CPU time spent busy over `seconds` (Linux); None where unknown."""
+
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            vals = [int(x) for x in f.readline().split()[1:]]
+        return vals[3] + vals[4], sum(vals)  # idle + iowait, total
+
+    try:
+        idle0, total0 = sample()
+        time.sleep(seconds)
+        idle1, total1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    return 1 - (idle1 - idle0) / max(total1 - total0, 1)
+
+
+class CpuWatch:
+    """How much CPU other programs used while the benchmark ran (Linux; approximate): the machine's busy
+    time from /proc/stat minus this process's and its waited-for children's, minus `extra` (seconds used
+    by detached processes we started, such as the engine). Shared machines make figures noisy; this says
+    how much."""
+
+    def __init__(self) -> None:
+        self.extra = 0.0
+        self._start = (self._machine(), self._own(), time.monotonic())
+
+    @staticmethod
+    def _machine() -> float | None:
+        try:
+            with open("/proc/stat") as f:
+                vals = [int(x) for x in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        # user + nice + system + steal; irq/softirq left out: loopback traffic lands there, not in our rusage
+        busy = vals[0] + vals[1] + vals[2] + vals[7]
+        return busy / os.sysconf("SC_CLK_TCK")
+
+    @staticmethod
+    def _own() -> float:
+        me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+    def add_process(self, pid: int) -> None:
+        """Count a detached process's CPU time as ours (call just before stopping it)."""
+        try:
+            t = psutil.Process(pid).cpu_times()
+            self.extra += t.user + t.system
+        except psutil.Error:
+            pass
+
+    def report(self) -> str:
+        machine0, own0, wall0 = self._start
+        machine1 = self._machine()
+        if machine0 is None or machine1 is None:
+            return "CPU used by other programs during the run: unknown (no /proc/stat)"
+        wall = time.monotonic() - wall0
+        other = max(0.0, (machine1 - machine0) - (self._own() - own0) - self.extra)
+        share = other / (wall * (os.cpu_count() or 1))
+        text = f"CPU used by other programs during the run: {share:.0%} of the machine ({other:.1f} cpu-s)"
+        return text + (" -- WARNING: figures disturbed by other load" if share > 0.10 else "")
+
+
+def machine_line() -> None:
+    busy = cpu_busy()
+    text = f"machine: {os.cpu_count()} cpus, python {sys.version.split()[0]}"
+    if busy is not None:
+        text += f", {busy:.0%} CPU busy before the run"
+        if busy > 0.15:
+            text += " -- WARNING: something else is running; figures will be noisy"
+    print(text, flush=True)
 
 
 def make_file(path: Path, size: int) -> str:
@@ -225,7 +301,7 @@ def profile_product(url: str, dest: Path, sha256: str) -> None:
     lines = [ln for ln in text.getvalue().splitlines() if ln.strip()]
     start = next((i for i, ln in enumerate(lines) if "ncalls" in ln), 0)
     print("\ncProfile of one download() call, top functions by own time:")
-    for ln in lines[max(start - 1, 0):]:
+    for ln in lines[max(start - 1, 0) :]:
         print("  " + ln)
 
 
@@ -234,8 +310,10 @@ def bench(args: argparse.Namespace) -> None:
     if curl is None:
         raise SystemExit("curl is not installed")
     size = args.mb * MB
+    machine_line()
     tmp = Path(tempfile.mkdtemp(prefix="stigmer-bench-dl-"))
     server: subprocess.Popen[str] | None = None
+    watch = CpuWatch()
     try:
         src_dir = tmp / "srv"
         src_dir.mkdir()
@@ -257,19 +335,27 @@ def bench(args: argparse.Namespace) -> None:
         if args.prototype:
             contenders["prototype"] = lambda: time_prototype(url, out / "proto.bin", sha)
         names = list(contenders)
+        # One untimed round first: on this VM the first writes into never-used page-cache memory run at
+        # a fraction of the later speed (the host backs guest RAM on first touch), whoever comes first.
+        for who in names:
+            contenders[who]()
         for i in range(args.repeat):
             order = names if i % 2 == 0 else names[::-1]
             for who in order:
                 runs[who].append(contenders[who]())
-            print(f"run {i + 1}: " + "   ".join(f"{w} {size / MB / runs[w][-1]:5.0f} MB/s" for w in names),
-                  flush=True)
+            print(
+                f"run {i + 1}: " + "   ".join(f"{w} {size / MB / runs[w][-1]:5.0f} MB/s" for w in names),
+                flush=True,
+            )
 
         product = size / MB / statistics.median(runs["product"])
         curl_mbs = size / MB / statistics.median(runs["curl"])
         ratio = product / curl_mbs
-        print(f"\nmedian of {args.repeat}: download() with sha256 {product:.0f} MB/s, curl -> disk "
-              f"{curl_mbs:.0f} MB/s, ratio {ratio:.2f} (target >= 0.8) "
-              f"{'OK' if ratio >= 0.8 else 'BELOW TARGET'}")
+        print(
+            f"\nmedian of {args.repeat}: download() with sha256 {product:.0f} MB/s, curl -> disk "
+            f"{curl_mbs:.0f} MB/s, ratio {ratio:.2f} (target >= 0.8) "
+            f"{'OK' if ratio >= 0.8 else 'BELOW TARGET'}"
+        )
         if args.prototype:
             proto = size / MB / statistics.median(runs["prototype"])
             print(f"prototype (sha256 in a second thread): {proto:.0f} MB/s, ratio {proto / curl_mbs:.2f}")
@@ -284,6 +370,7 @@ def bench(args: argparse.Namespace) -> None:
                 server.kill()
                 server.wait()
         shutil.rmtree(tmp, ignore_errors=True)
+    print(watch.report())  # after the server child was waited for: its CPU time counts as ours
 
 
 def main() -> None:
@@ -291,8 +378,9 @@ def main() -> None:
     ap.add_argument("--mb", type=int, default=500, help="file size in MB (10^6 bytes); default 500")
     ap.add_argument("--repeat", type=int, default=3, help="runs per contender; default 3")
     ap.add_argument("--profile", action="store_true", help="cProfile one extra download() call")
-    ap.add_argument("--no-prototype", dest="prototype", action="store_false",
-                    help="skip the threaded-sha256 prototype")
+    ap.add_argument(
+        "--no-prototype", dest="prototype", action="store_false", help="skip the threaded-sha256 prototype"
+    )
     ap.add_argument("--serve", type=Path, help=argparse.SUPPRESS)  # internal: the child server
     args = ap.parse_args()
     if args.serve is not None:

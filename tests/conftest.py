@@ -37,11 +37,15 @@ def stigmer_exe() -> list[str]:
     return [exe] if exe else [sys.executable, "-m", "stigmer"]
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
     """Run the installed `stigmer` command for real, in a subprocess, with the test's environment."""
     full_env = dict(os.environ)
     full_env.update(env or {})
-    return subprocess.run([*stigmer_exe(), *args], env=full_env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [*stigmer_exe(), *args], env=full_env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.fixture

@@ -22,8 +22,11 @@ pytestmark = pytest.mark.usefixtures("stop_llm")
 @pytest.fixture
 def engine_env(isolated_home: Paths) -> dict[str, str]:
     port = free_port()
-    return {"STIGMER_LLM_PROVIDER": "llamacpp", "STIGMER_LLM_BASE_URL": f"http://127.0.0.1:{port}",
-            "STIGMER_LLM_CONTEXT_SIZE": "1024"}
+    return {
+        "STIGMER_LLM_PROVIDER": "llamacpp",
+        "STIGMER_LLM_BASE_URL": f"http://127.0.0.1:{port}",
+        "STIGMER_LLM_CONTEXT_SIZE": "1024",
+    }
 
 
 def test_server_serves_starter_model_and_answers(isolated_home: Paths, engine_env: dict[str, str]) -> None:
@@ -46,8 +49,11 @@ def test_server_serves_starter_model_and_answers(isolated_home: Paths, engine_en
     assert "".join(chunks) == answer  # same greedy answer, streamed piece by piece
 
     # served under its product name, not a file path
-    models = json.loads(__import__("urllib.request").request.urlopen(
-        engine_env["STIGMER_LLM_BASE_URL"] + "/v1/models", timeout=5).read())
+    models = json.loads(
+        __import__("urllib.request")
+        .request.urlopen(engine_env["STIGMER_LLM_BASE_URL"] + "/v1/models", timeout=5)
+        .read()
+    )
     assert models["data"][0]["id"] == "smollm2:135m"
 
     st = run_cli("server", "llm", "status", "--json", env=engine_env)
@@ -69,7 +75,9 @@ def test_server_serves_starter_model_and_answers(isolated_home: Paths, engine_en
     assert "✗ Not Running" in st.stdout
 
 
-def test_import_switch_model_restarts_and_rm(isolated_home: Paths, engine_env: dict[str, str], tmp_path) -> None:
+def test_import_switch_model_restarts_and_rm(
+    isolated_home: Paths, engine_env: dict[str, str], tmp_path
+) -> None:
     from stigmer.llm.llamacpp.starter import starter_model_path
 
     src = starter_model_path()
@@ -104,8 +112,9 @@ def test_import_refuses_non_gguf(isolated_home: Paths, engine_env: dict[str, str
     assert r.returncode == 1 and "not a GGUF" in r.stderr
 
 
-def test_engine_killed_is_restarted_and_never_signals_strangers(isolated_home: Paths,
-                                                                 engine_env: dict[str, str]) -> None:
+def test_engine_killed_is_restarted_and_never_signals_strangers(
+    isolated_home: Paths, engine_env: dict[str, str]
+) -> None:
     assert run_cli("server", env=engine_env).returncode == 0
     rec = records.read(isolated_home.llm_pid)
     os.kill(rec.pid, signal.SIGKILL)

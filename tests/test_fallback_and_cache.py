@@ -92,13 +92,22 @@ def make_ollama_store(root: Path, name: str, tag: str, gguf: Path) -> str:
     manifest = {
         "schemaVersion": 2,
         "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
-        "config": {"mediaType": "application/vnd.docker.container.image.v1+json", "digest": "sha256:" + "0" * 64,
-                   "size": 2},
+        "config": {
+            "mediaType": "application/vnd.docker.container.image.v1+json",
+            "digest": "sha256:" + "0" * 64,
+            "size": 2,
+        },
         "layers": [
-            {"mediaType": "application/vnd.ollama.image.model", "digest": f"sha256:{digest}",
-             "size": gguf.stat().st_size},
-            {"mediaType": "application/vnd.ollama.image.template", "digest": f"sha256:{tdig}",
-             "size": len(template)},
+            {
+                "mediaType": "application/vnd.ollama.image.model",
+                "digest": f"sha256:{digest}",
+                "size": gguf.stat().st_size,
+            },
+            {
+                "mediaType": "application/vnd.ollama.image.template",
+                "digest": f"sha256:{tdig}",
+                "size": len(template),
+            },
         ],
     }
     mdir = root / "manifests" / "registry.ollama.ai" / "library" / name
@@ -113,9 +122,14 @@ def test_model_in_shared_ollama_store_is_used_not_downloaded(isolated_home: Path
     shared = tmp_path / "shared-ollama"
     digest = make_ollama_store(shared, "tinychat", "q4", gguf)
     registry_port = free_port()  # nothing listens: any download attempt would fail
-    env = {"STIGMER_LLM_PROVIDER": "llamacpp", "STIGMER_LLM_MODEL": "TinyChat:q4", "OLLAMA_MODELS": str(shared),
-           "STIGMER_LLM_REGISTRY_URL": f"http://127.0.0.1:{registry_port}",
-           "STIGMER_LLM_BASE_URL": f"http://127.0.0.1:{free_port()}", "STIGMER_LLM_CONTEXT_SIZE": "1024"}
+    env = {
+        "STIGMER_LLM_PROVIDER": "llamacpp",
+        "STIGMER_LLM_MODEL": "TinyChat:q4",
+        "OLLAMA_MODELS": str(shared),
+        "STIGMER_LLM_REGISTRY_URL": f"http://127.0.0.1:{registry_port}",
+        "STIGMER_LLM_BASE_URL": f"http://127.0.0.1:{free_port()}",
+        "STIGMER_LLM_CONTEXT_SIZE": "1024",
+    }
     r = run_cli("server", env=env)
     assert r.returncode == 0, r.stderr
     assert "Model:    tinychat:q4" in r.stdout

@@ -27,7 +27,19 @@ def test_different_models() -> None:
 
 @pytest.mark.parametrize(
     "bad",
-    ["", " ", "a b", "-model", "model:", "model:-tag", "ns.dot/model", "a/b/c/d", "x" * 81, "mo$del", "../etc"],
+    [
+        "",
+        " ",
+        "a b",
+        "-model",
+        "model:",
+        "model:-tag",
+        "ns.dot/model",
+        "a/b/c/d",
+        "x" * 81,
+        "mo$del",
+        "../etc",
+    ],
 )
 def test_invalid_names_refused(bad: str) -> None:
     with pytest.raises(StigmerError) as e:

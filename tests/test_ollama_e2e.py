@@ -56,8 +56,12 @@ def test_first_run_second_run_stop(isolated_home: Paths, releases: ReleaseServer
     assert r.returncode == 0, r.stderr
     out = r.stdout
     assert "✓ First-time setup" in out
-    for phase in ("Initializing: Setting up local LLM", "Installing: Downloading local LLM",
-                  "Starting: Starting local LLM server", "Installing: Downloading model qwen2.5-coder:7b"):
+    for phase in (
+        "Initializing: Setting up local LLM",
+        "Installing: Downloading local LLM",
+        "Starting: Starting local LLM server",
+        "Installing: Downloading model qwen2.5-coder:7b",
+    ):
         assert phase in out, phase
     assert "100% (" in out  # plain progress lines off a terminal, no bar drawing codes
     assert "\r" not in out and "\x1b[" not in out
@@ -68,8 +72,11 @@ def test_first_run_second_run_stop(isolated_home: Paths, releases: ReleaseServer
 
     # verified, versioned install, linked from bin/
     link = isolated_home.bin_dir / "ollama"
-    assert link.is_symlink() and link.resolve() == (
-        isolated_home.runtime_dir / "ollama" / f"v{VERSION}" / "bin" / "ollama").resolve()
+    assert (
+        link.is_symlink()
+        and link.resolve()
+        == (isolated_home.runtime_dir / "ollama" / f"v{VERSION}" / "bin" / "ollama").resolve()
+    )
     assert (isolated_home.runtime_dir / "ollama" / f"v{VERSION}" / "lib" / "ollama").is_dir()
     assert f"/download/v{VERSION}/{ASSET}" in downloads(releases)
 
@@ -224,8 +231,11 @@ def test_upgrade_failure_keeps_previous_runtime(isolated_home: Paths, tmp_path: 
 
 def test_port_taken_by_non_ollama_server(isolated_home: Paths, releases: ReleaseServer) -> None:
     port = free_port()
-    other = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    other = subprocess.Popen(
+        [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
@@ -255,14 +265,20 @@ def test_runtime_that_exits_at_once(isolated_home: Paths, releases: ReleaseServe
     assert not isolated_home.llm_pid.exists()
 
 
-def test_pid_file_naming_unrelated_process_is_never_signalled(isolated_home: Paths,
-                                                             releases: ReleaseServer) -> None:
+def test_pid_file_naming_unrelated_process_is_never_signalled(
+    isolated_home: Paths, releases: ReleaseServer
+) -> None:
     stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         isolated_home.home.mkdir(parents=True, exist_ok=True)
         # a record whose pid was reused by an unrelated process (create time differs)
-        fake = records.ProcessRecord(stranger.pid, psutil.Process(stranger.pid).create_time() - 1000,
-                                     ["ollama", "serve"], "llm", {"provider": "ollama"})
+        fake = records.ProcessRecord(
+            stranger.pid,
+            psutil.Process(stranger.pid).create_time() - 1000,
+            ["ollama", "serve"],
+            "llm",
+            {"provider": "ollama"},
+        )
         records.write(isolated_home.llm_pid, fake)
         env = env_for(releases)
         assert "✗ Not Running" in run_cli("server", "llm", "status", env=env).stdout
@@ -295,8 +311,9 @@ def test_download_killed_then_resumed_without_refetching(isolated_home: Paths, t
         env = {**os.environ, **env_for(srv)}
         from tests.conftest import stigmer_exe
 
-        proc = subprocess.Popen([*stigmer_exe(), "server"], env=env, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [*stigmer_exe(), "server"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         partial = None
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:

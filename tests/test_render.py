@@ -73,8 +73,15 @@ def test_terminal_gets_live_bar_and_colour(isolated_home, tmp_path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "NO_COLOR"}
     try:
         with ReleaseServer(root, latest="0.33.0") as srv:
-            env.update({"STIGMER_LLM_DOWNLOAD_URL": srv.url, "STIGMER_LLM_BASE_URL": f"http://127.0.0.1:{free_port()}",
-                        "FAKE_OLLAMA_PULL_DELAY": "0.001", "TERM": "xterm", "COLUMNS": "120"})
+            env.update(
+                {
+                    "STIGMER_LLM_DOWNLOAD_URL": srv.url,
+                    "STIGMER_LLM_BASE_URL": f"http://127.0.0.1:{free_port()}",
+                    "FAKE_OLLAMA_PULL_DELAY": "0.001",
+                    "TERM": "xterm",
+                    "COLUMNS": "120",
+                }
+            )
             text = _run_in_pty(["server"], env)
         assert "Ready!" in text
         assert "\x1b[32m✓\x1b[0m" in text  # green tick on a terminal

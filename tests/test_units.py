@@ -79,7 +79,7 @@ def test_zip_traversal_and_symlink_refused(tmp_path: Path) -> None:
     z2 = tmp_path / "link.zip"
     with zipfile.ZipFile(z2, "w") as zf:
         info = zipfile.ZipInfo("lib/link")
-        info.external_attr = (0o120777 << 16)
+        info.external_attr = 0o120777 << 16
         zf.writestr(info, "/etc/passwd")
     with pytest.raises(archive.UnsafeArchive, match="link"):
         archive.extract(z2, target)

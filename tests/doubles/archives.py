@@ -27,8 +27,14 @@ FAKE_OLLAMA = Path(__file__).with_name("fake_ollama.py")
 CHECKSUMS = "sha256sum.txt"
 DEFAULT_PLATFORMS: tuple[str, ...] = ("linux-amd64", "linux-arm64", "darwin", "windows-amd64")
 PLATFORMS: tuple[str, ...] = (
-    "linux-amd64", "linux-arm64", "darwin", "windows-amd64", "windows-arm64",
-    "linux-amd64-rocm", "linux-arm64-jetpack5", "linux-arm64-jetpack6",
+    "linux-amd64",
+    "linux-arm64",
+    "darwin",
+    "windows-amd64",
+    "windows-arm64",
+    "linux-amd64-rocm",
+    "linux-arm64-jetpack5",
+    "linux-arm64-jetpack6",
 )
 _MTIME = 1_767_225_600  # fixed member times keep archives byte-for-byte reproducible
 
@@ -122,8 +128,9 @@ def payload(platform: str, version: str, program: bytes) -> list[Member]:
         # Real archives carry versioned .so symlinks inside the tree; a safe unpack must allow these.
         Member("lib/ollama/cuda_v12/", kind="dir", mode=0o755),
         Member("lib/ollama/cuda_v12/libcudart.so.12.8.90", _dummy("libcudart.so", version, platform), 0o755),
-        Member("lib/ollama/cuda_v12/libcudart.so.12", kind="symlink", mode=0o777,
-               linkname="libcudart.so.12.8.90"),
+        Member(
+            "lib/ollama/cuda_v12/libcudart.so.12", kind="symlink", mode=0o777, linkname="libcudart.so.12.8.90"
+        ),
     ]
 
 
@@ -186,7 +193,8 @@ def write_archive(path: Path, members: Sequence[Member]) -> Path:
         # Like `zstd` in a pipe: no content size in the frame header (one-shot decompress() fails
         # on such frames, a pitfall worth testing), checksum on.
         data = zstandard.ZstdCompressor(level=19, write_content_size=False, write_checksum=True).compress(
-            tar_bytes(members))
+            tar_bytes(members)
+        )
     elif name.endswith((".tgz", ".tar.gz")):
         data = gzip.compress(tar_bytes(members), mtime=0)
     elif name.endswith(".zip"):
@@ -224,9 +232,15 @@ def _tamper(path: Path) -> None:
 # -- releases -----------------------------------------------------------------------------------------
 
 
-def build_release(root: Path, version: str, *, platforms: Sequence[str] = DEFAULT_PLATFORMS,
-                  program: bytes | None = None, tamper: Iterable[str] = frozenset(),
-                  omit_checksum: Iterable[str] = frozenset()) -> dict[str, Path]:
+def build_release(
+    root: Path,
+    version: str,
+    *,
+    platforms: Sequence[str] = DEFAULT_PLATFORMS,
+    program: bytes | None = None,
+    tamper: Iterable[str] = frozenset(),
+    omit_checksum: Iterable[str] = frozenset(),
+) -> dict[str, Path]:
     """Write `root/v{version}/` with one asset per platform and sha256sum.txt.
 
     Returns {asset name: path}, plus "sha256sum.txt". Versions < 0.3.7 give bare binaries (mode 0755).
@@ -259,8 +273,14 @@ def build_release(root: Path, version: str, *, platforms: Sequence[str] = DEFAUL
 EVIL_KINDS = ("traversal", "absolute", "symlink", "hardlink", "fifo", "device")
 
 
-def build_malicious(root: Path, version: str, kind: str, *, asset: str = "ollama-linux-amd64.tar.zst",
-                    program: bytes | None = None) -> dict[str, Path]:
+def build_malicious(
+    root: Path,
+    version: str,
+    kind: str,
+    *,
+    asset: str = "ollama-linux-amd64.tar.zst",
+    program: bytes | None = None,
+) -> dict[str, Path]:
     """A release whose one asset holds the normal payload plus one hostile member, with a correct
     sha256sum.txt, so only a safe-unpack check can refuse it.
 
@@ -274,9 +294,7 @@ def build_malicious(root: Path, version: str, kind: str, *, asset: str = "ollama
     if kind not in EVIL_KINDS:
         raise ValueError(f"unknown kind {kind!r}; one of {', '.join(EVIL_KINDS)}")
     program = ollama_program(version=version) if program is None else program
-    platform = (
-        "windows-amd64" if asset.endswith(".zip") else "darwin" if "darwin" in asset else "linux-amd64"
-    )
+    platform = "windows-amd64" if asset.endswith(".zip") else "darwin" if "darwin" in asset else "linux-amd64"
     members = payload(platform, version, program)
     evil = b"stigmer test: this file must never be written\n"
     target = Path("../evil.txt")
@@ -317,8 +335,9 @@ def evil_symlink(root: Path, version: str, asset: str = "ollama-linux-amd64.tar.
     return build_malicious(root, version, "symlink", asset=asset)
 
 
-def evil_special(root: Path, version: str, asset: str = "ollama-linux-amd64.tar.zst", *,
-                 kind: str = "fifo") -> dict[str, Path]:
+def evil_special(
+    root: Path, version: str, asset: str = "ollama-linux-amd64.tar.zst", *, kind: str = "fifo"
+) -> dict[str, Path]:
     """A fifo (kind="fifo") or character device (kind="device") member."""
     return build_malicious(root, version, kind, asset=asset)
 
@@ -346,8 +365,19 @@ def archive_members(path: Path) -> dict[str, tuple[str, int, str]]:
         stream = zstandard.ZstdDecompressor().stream_reader(raw) if path.name.endswith(".zst") else raw
         with tarfile.open(fileobj=stream, mode="r|*") as tar:
             for info in tar:
-                kind = ("dir" if info.isdir() else "symlink" if info.issym() else "hardlink" if info.islnk()
-                        else "fifo" if info.isfifo() else "chardev" if info.ischr() else "file")
+                kind = (
+                    "dir"
+                    if info.isdir()
+                    else "symlink"
+                    if info.issym()
+                    else "hardlink"
+                    if info.islnk()
+                    else "fifo"
+                    if info.isfifo()
+                    else "chardev"
+                    if info.ischr()
+                    else "file"
+                )
                 out[info.name] = (kind, info.mode, info.linkname)
     finally:
         raw.close()

@@ -181,19 +181,25 @@ _BUILTIN_CATALOG: dict[str, dict[str, Any]] = {
     "qwen2.5-coder:7b": {"family": "qwen2", "parameter_size": "7.6B", "quantization_level": "Q4_K_M"},
     # Same blobs as :7b, as on the real registry, so "layer already present" paths get exercised.
     "qwen2.5-coder:latest": {
-        "family": "qwen2", "parameter_size": "7.6B", "quantization_level": "Q4_K_M",
+        "family": "qwen2",
+        "parameter_size": "7.6B",
+        "quantization_level": "Q4_K_M",
         "seed": "qwen2.5-coder:7b",
     },
     "qwen2.5-coder:1.5b": {"family": "qwen2", "parameter_size": "1.5B", "quantization_level": "Q4_K_M"},
     "llama3.2:latest": {"family": "llama", "parameter_size": "3.2B", "quantization_level": "Q4_K_M"},
     "llama3.2:3b": {
-        "family": "llama", "parameter_size": "3.2B", "quantization_level": "Q4_K_M",
+        "family": "llama",
+        "parameter_size": "3.2B",
+        "quantization_level": "Q4_K_M",
         "seed": "llama3.2:latest",
     },
     "smollm2:135m": {"family": "llama", "parameter_size": "134.52M", "quantization_level": "F16"},
     "deepseek-coder:6.7b": {"family": "llama", "parameter_size": "7B", "quantization_level": "Q4_0"},
     "hf.co/bartowski/Llama-3.2-1B-Instruct-GGUF:Q4_K_M": {
-        "family": "llama", "parameter_size": "1.24B", "quantization_level": "Q4_K_M",
+        "family": "llama",
+        "parameter_size": "1.24B",
+        "quantization_level": "Q4_K_M",
     },
 }
 
@@ -432,9 +438,14 @@ def _env_float(name: str, default: float) -> float:
         return default
 
 
-def pull_events(store: Store, name: Name, catalog: Mapping[tuple[str, str, str, str], CatalogModel], *,
-                delay: float | None = None, fault: str | None = None,
-                ) -> Generator[dict[str, Any], None, None]:
+def pull_events(
+    store: Store,
+    name: Name,
+    catalog: Mapping[tuple[str, str, str, str], CatalogModel],
+    *,
+    delay: float | None = None,
+    fault: str | None = None,
+) -> Generator[dict[str, Any], None, None]:
     """The progress of a pull, as the ndjson objects ollama streams; raises PullError on failure.
 
     `delay` and `fault` default to FAKE_OLLAMA_PULL_DELAY and FAKE_OLLAMA_PULL_ERROR.
@@ -689,11 +700,13 @@ class _Handler(BaseHTTPRequestHandler):
                 with contextlib.suppress(OSError, ValueError, KeyError):
                     info = app.store.summary(name, path)
                     info.pop("modified_at")
-                    info.update({
-                        "expires_at": rfc3339nano(int(until * 1e9)),
-                        "size_vram": info["size"],
-                        "context_length": 4096,
-                    })
+                    info.update(
+                        {
+                            "expires_at": rfc3339nano(int(until * 1e9)),
+                            "size_vram": info["size"],
+                            "context_length": 4096,
+                        }
+                    )
                     models.append(info)
         self._json(200, {"models": models})
 
@@ -749,7 +762,8 @@ class _Handler(BaseHTTPRequestHandler):
         with contextlib.suppress(ValueError):
             params = json.loads(store.layer_text(manifest, MEDIA_PARAMS) or "{}")
         parameters = "\n".join(
-            f"{key:<30} {json.dumps(v)}" for key, values in params.items()
+            f"{key:<30} {json.dumps(v)}"
+            for key, values in params.items()
             for v in (values if isinstance(values, list) else [values])
         )
         modelfile = (
@@ -758,16 +772,19 @@ class _Handler(BaseHTTPRequestHandler):
             f"# FROM {name.display()}\n\nFROM {store.blob_path(manifest['layers'][0]['digest'])}\n"
             f'TEMPLATE """{template}"""\n'
         )
-        self._json(200, {
-            "license": "",
-            "modelfile": modelfile,
-            "parameters": parameters,
-            "template": template,
-            "details": details,
-            "model_info": {"general.architecture": details["family"], "general.file_type": 15},
-            "capabilities": ["completion"],
-            "modified_at": rfc3339nano(path.stat().st_mtime_ns),
-        })
+        self._json(
+            200,
+            {
+                "license": "",
+                "modelfile": modelfile,
+                "parameters": parameters,
+                "template": template,
+                "details": details,
+                "model_info": {"general.architecture": details["family"], "general.file_type": 15},
+                "capabilities": ["completion"],
+                "modified_at": rfc3339nano(path.stat().st_mtime_ns),
+            },
+        )
 
     def delete(self) -> None:
         req = self._request_json()
@@ -800,10 +817,14 @@ class _Handler(BaseHTTPRequestHandler):
         data = []
         for name, path in store.entries():
             with contextlib.suppress(OSError):
-                data.append({
-                    "id": name.display(), "object": "model",
-                    "created": int(path.stat().st_mtime), "owned_by": name.namespace,
-                })
+                data.append(
+                    {
+                        "id": name.display(),
+                        "object": "model",
+                        "created": int(path.stat().st_mtime),
+                        "owned_by": name.namespace,
+                    }
+                )
         self._json(200, {"object": "list", "data": data})
 
     # -- canned inference, enough for smoke checks --------------------------------------------------
@@ -874,8 +895,17 @@ class _Handler(BaseHTTPRequestHandler):
         except ValueError:
             req = None
         if not isinstance(req, dict):
-            self._json(400, {"error": {"message": "invalid request", "type": "invalid_request_error",
-                                       "param": None, "code": None}})
+            self._json(
+                400,
+                {
+                    "error": {
+                        "message": "invalid request",
+                        "type": "invalid_request_error",
+                        "param": None,
+                        "code": None,
+                    }
+                },
+            )
             return
         given, name, path = self._find(req)
         if name is None or path is None:
@@ -884,19 +914,40 @@ class _Handler(BaseHTTPRequestHandler):
             return
         reply = os.environ.get("FAKE_OLLAMA_REPLY", "Hello from fake Ollama.")
         base = {
-            "id": "chatcmpl-123", "created": int(time.time()), "model": given,
+            "id": "chatcmpl-123",
+            "created": int(time.time()),
+            "model": given,
             "system_fingerprint": "fp_ollama",
         }
         if not req.get("stream"):
-            self._json(200, {**base, "object": "chat.completion", "choices": [{
-                "index": 0, "message": {"role": "assistant", "content": reply}, "finish_reason": "stop"}],
-                "usage": {"prompt_tokens": 10, "completion_tokens": len(reply.split()), "total_tokens": 10}})
+            self._json(
+                200,
+                {
+                    **base,
+                    "object": "chat.completion",
+                    "choices": [
+                        {
+                            "index": 0,
+                            "message": {"role": "assistant", "content": reply},
+                            "finish_reason": "stop",
+                        }
+                    ],
+                    "usage": {
+                        "prompt_tokens": 10,
+                        "completion_tokens": len(reply.split()),
+                        "total_tokens": 10,
+                    },
+                },
+            )
             return
         self._start_stream("text/event-stream")
         for i, word in enumerate(reply.split(" ")):
             delta = {"role": "assistant", "content": word if i == 0 else " " + word}
-            chunk = {**base, "object": "chat.completion.chunk",
-                     "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
+            chunk = {
+                **base,
+                "object": "chat.completion.chunk",
+                "choices": [{"index": 0, "delta": delta, "finish_reason": None}],
+            }
             self._chunk(b"data: " + _dumps(chunk) + b"\n\n")
         end = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": "stop"}
         last = {**base, "object": "chat.completion.chunk", "choices": [end]}
@@ -983,8 +1034,11 @@ def serve() -> int:
     models = Path(os.environ.get("OLLAMA_MODELS") or Path.home() / ".ollama" / "models")
     exit_at_once = os.environ.get("FAKE_OLLAMA_EXIT_AT_ONCE", "")
     if exit_at_once:
-        message = exit_at_once if exit_at_once not in ("1", "true") else (
-            f"could not create directory mkdir {models}: permission denied")
+        message = (
+            exit_at_once
+            if exit_at_once not in ("1", "true")
+            else (f"could not create directory mkdir {models}: permission denied")
+        )
         sys.stderr.write(f"Error: {message}\n")
         return 1
     host, port = parse_ollama_host(os.environ.get("OLLAMA_HOST"))
@@ -1111,8 +1165,15 @@ class FakeOllama:
     with FakeOllama(tmp_path / "models") as fake: urlopen(fake.url + "/api/version")
     """
 
-    def __init__(self, models: Path, *, port: int | None = None, env: Mapping[str, str] | None = None,
-                 argv: Sequence[str] | None = None, startup_timeout: float = 15.0) -> None:
+    def __init__(
+        self,
+        models: Path,
+        *,
+        port: int | None = None,
+        env: Mapping[str, str] | None = None,
+        argv: Sequence[str] | None = None,
+        startup_timeout: float = 15.0,
+    ) -> None:
         self.models = Path(models)
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -1131,8 +1192,11 @@ class FakeOllama:
 
     def start(self, *, wait: bool = True) -> FakeOllama:
         self.proc = subprocess.Popen(
-            [*self.argv, "serve"], env=self.environ(), stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            [*self.argv, "serve"],
+            env=self.environ(),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
         )
         self._reader = threading.Thread(target=self._read_log, args=(self.proc,), daemon=True)
         self._reader.start()

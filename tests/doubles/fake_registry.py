@@ -6,6 +6,7 @@ another port) with a fake signed query string; the CDN serves the blob with Rang
 
 Knobs (attributes, read at each request, so a test may change them between calls):
   ignore_range   answer 200 with the whole blob to every request
+  ignore_range_after  ... or only after this many blob requests were served normally
   cut_after      close the connection after this many body bytes ...
   cut_times      ... for this many responses (then serve normally)
   stall_seconds  once (stall_times), go silent for this long after stall_after body bytes
@@ -81,11 +82,22 @@ def _split_name(name: str) -> tuple[str, str, str]:
 
 
 class FakeRegistry:
-    def __init__(self, models: dict[str, dict[str, Any]], *, ignore_range: bool = False,
-                 cut_after: int | None = None, cut_times: int = 1, stall_seconds: float = 0.0,
-                 stall_after: int = 256 * 1024, stall_times: int = 1, corrupt: set[str] | None = None,
-                 throttle: int | None = None, cdn_fail: list[int] | None = None) -> None:
-        self.ignore_range = ignore_range
+    def __init__(
+        self,
+        models: dict[str, dict[str, Any]],
+        *,
+        ignore_range: bool = False,
+        ignore_range_after: int | None = None,
+        cut_after: int | None = None,
+        cut_times: int = 1,
+        stall_seconds: float = 0.0,
+        stall_after: int = 256 * 1024,
+        stall_times: int = 1,
+        corrupt: set[str] | None = None,
+        throttle: int | None = None,
+        cdn_fail: list[int] | None = None,
+    ) -> None:
+        self.ignore_range, self.ignore_range_after = ignore_range, ignore_range_after
         self.cut_after, self.cut_times = cut_after, cut_times
         self.stall_seconds, self.stall_after, self.stall_times = stall_seconds, stall_after, stall_times
         self.corrupt: set[str] = set(corrupt or ())
@@ -131,10 +143,16 @@ class FakeRegistry:
             layers.append({"mediaType": MEDIA + kind, "digest": digest, "size": size})
         config_json = json.dumps({"model_format": "gguf", "model_family": "llama"}).encode()
         config, config_size = self._add_blob(config_json)
-        manifest = {"schemaVersion": 2, "mediaType": MANIFEST_TYPE,
-                    "config": {"mediaType": "application/vnd.docker.container.image.v1+json",
-                               "digest": config, "size": config_size},
-                    "layers": layers}
+        manifest = {
+            "schemaVersion": 2,
+            "mediaType": MANIFEST_TYPE,
+            "config": {
+                "mediaType": "application/vnd.docker.container.image.v1+json",
+                "digest": config,
+                "size": config_size,
+            },
+            "layers": layers,
+        }
         self.models[_split_name(name)] = _Model(json.dumps(manifest).encode(), kinds)
 
     def digest(self, name: str, kind: str = "model") -> str:
@@ -247,6 +265,9 @@ class _CdnHandler(_Handler):
         with fake.lock:
             fake.cdn_log.append(rec)
             fail = fake.cdn_fail.pop(0) if fake.cdn_fail else None
+            ignore = fake.ignore_range or (
+                fake.ignore_range_after is not None and len(fake.cdn_log) > fake.ignore_range_after
+            )
         blob = fake.blobs.get(digest)
         if parse_qs(parts.query).get("X-Amz-Signature") != [SIGNATURE]:
             rec.status = 403
@@ -259,7 +280,7 @@ class _CdnHandler(_Handler):
             return
         assert blob is not None
         start, end = 0, blob.size
-        rng = None if fake.ignore_range else self.headers.get("Range")
+        rng = None if ignore else self.headers.get("Range")
         if rng:
             m = re.fullmatch(r"bytes=(\d+)-(\d*)", rng.strip())
             if m is None or int(m[1]) >= blob.size:
@@ -295,13 +316,24 @@ class _CdnHandler(_Handler):
         if cut is not None:
             self.close_connection = True  # socketserver shuts the socket down: the client sees EOF early
 
-    def _send_body(self, rec: CdnRequest, blob: _Blob, start: int, stop: int, *, stall: int | None,
-                   corrupt_at: int | None) -> None:
-        marks = {p for p in (stall, corrupt_at, None if corrupt_at is None else corrupt_at + 1)
-                 if p is not None and start < p < stop}
+    def _send_body(
+        self,
+        rec: CdnRequest,
+        blob: _Blob,
+        start: int,
+        stop: int,
+        *,
+        stall: int | None,
+        corrupt_at: int | None,
+    ) -> None:
+        marks = {
+            p
+            for p in (stall, corrupt_at, None if corrupt_at is None else corrupt_at + 1)
+            if p is not None and start < p < stop
+        }
         bounds = [start, *sorted(marks), stop]
         src = blob.source
-        with (src.open("rb") if isinstance(src, Path) else open(os.devnull, "rb")) as f:
+        with src.open("rb") if isinstance(src, Path) else open(os.devnull, "rb") as f:
             for a, b in zip(bounds, bounds[1:], strict=False):
                 if a == stall:
                     self.fake.closing.wait(self.fake.stall_seconds)

@@ -103,8 +103,12 @@ class ReleaseServer:
     def start(self) -> ReleaseServer:
         self._stopping.clear()
         self._httpd = _HTTPServer((self.host, 0), self)
-        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name="release-server", daemon=True)
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name="release-server",
+            daemon=True,
+        )
         self._thread.start()
         return self
 
@@ -127,8 +131,9 @@ class ReleaseServer:
     def __enter__(self) -> ReleaseServer:
         return self.start()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()
 
     # -- records ------------------------------------------------------------------------------------
@@ -274,8 +279,9 @@ class _Handler(BaseHTTPRequestHandler):
         except _Cut:
             self.close_connection = True
 
-    def _simple(self, record: RequestRecord, status: int, body: bytes = b"",
-                headers: dict[str, str] | None = None) -> None:
+    def _simple(
+        self, record: RequestRecord, status: int, body: bytes = b"", headers: dict[str, str] | None = None
+    ) -> None:
         record.status = status
         self.send_response(status)
         for key, value in (headers or {}).items():

@@ -25,8 +25,9 @@ from tests.doubles.release_server import ReleaseServer
 # -- helpers ----------------------------------------------------------------------------------------
 
 
-def request(url: str, method: str, path: str, body: Any = None,
-            headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+def request(
+    url: str, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], bytes]:
     host, port = url.removeprefix("http://").split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=10)
     try:
@@ -100,8 +101,10 @@ def test_serve_pull_list_show_delete(tmp_path: Path) -> None:
         manifest = json.loads(manifest_path.read_bytes())
         assert manifest["schemaVersion"] == 2
         assert [x["mediaType"] for x in manifest["layers"]] == [
-            "application/vnd.ollama.image.model", "application/vnd.ollama.image.template",
-            "application/vnd.ollama.image.params"]
+            "application/vnd.ollama.image.model",
+            "application/vnd.ollama.image.template",
+            "application/vnd.ollama.image.params",
+        ]
 
         tags = json.loads(request(fake.url, "GET", "/api/tags")[2])["models"]
         assert [m["name"] for m in tags] == ["smollm2:135m"]
@@ -168,8 +171,13 @@ def test_busy_port_is_refused(tmp_path: Path) -> None:
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", port))
         holder.listen()
-        out = subprocess.run([sys.executable, str(SCRIPT), "serve"], env=serve_env(tmp_path / "m", port),
-                             capture_output=True, text=True, timeout=30)
+        out = subprocess.run(
+            [sys.executable, str(SCRIPT), "serve"],
+            env=serve_env(tmp_path / "m", port),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
     assert out.returncode == 1
     assert f"Error: listen tcp 127.0.0.1:{port}: bind: address already in use" in out.stderr
 
@@ -184,8 +192,13 @@ def test_fault_knobs(tmp_path: Path) -> None:
         assert (status, json.loads(body)) == (500, {"error": want})
     assert not list((models / "blobs").iterdir()) and not list((models / "manifests").iterdir())
 
-    out = subprocess.run([sys.executable, str(SCRIPT), "serve"], capture_output=True, text=True, timeout=30,
-                         env=serve_env(models, archives.free_port(), FAKE_OLLAMA_EXIT_AT_ONCE="1"))
+    out = subprocess.run(
+        [sys.executable, str(SCRIPT), "serve"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=serve_env(models, archives.free_port(), FAKE_OLLAMA_EXIT_AT_ONCE="1"),
+    )
     assert out.returncode == 1 and out.stderr.startswith("Error: ")
 
     catalog = tmp_path / "catalog.json"
@@ -211,8 +224,10 @@ def test_sigterm_during_start_delay_exits_zero(tmp_path: Path) -> None:
 def test_unpacked_release_runs(tmp_path: Path) -> None:
     assets = archives.build_release(tmp_path / "rel", "0.32.1", platforms=("linux-amd64",))
     dest = tmp_path / "ollama"
-    with assets["ollama-linux-amd64.tar.zst"].open("rb") as raw, tarfile.open(
-            fileobj=zstandard.ZstdDecompressor().stream_reader(raw), mode="r|") as tar:
+    with (
+        assets["ollama-linux-amd64.tar.zst"].open("rb") as raw,
+        tarfile.open(fileobj=zstandard.ZstdDecompressor().stream_reader(raw), mode="r|") as tar,
+    ):
         tar.extractall(dest, filter="data")
     program = dest / "bin" / "ollama"
     assert os.access(program, os.X_OK)
@@ -283,8 +298,9 @@ def test_release_server_faults(release: tuple[ReleaseServer, bytes]) -> None:
 
 
 def test_release_assets_and_checksums(tmp_path: Path) -> None:
-    assets = archives.build_release(tmp_path, "0.33.0", tamper={"ollama-darwin.tgz"},
-                                    omit_checksum={"ollama-windows-amd64.zip"})
+    assets = archives.build_release(
+        tmp_path, "0.33.0", tamper={"ollama-darwin.tgz"}, omit_checksum={"ollama-windows-amd64.zip"}
+    )
     sums = archives.read_checksums(assets["sha256sum.txt"])
     assert sorted(sums) == ["ollama-darwin.tgz", "ollama-linux-amd64.tar.zst", "ollama-linux-arm64.tar.zst"]
     assert "  ./ollama-linux-amd64.tar.zst" in assets["sha256sum.txt"].read_text()
@@ -305,14 +321,17 @@ def test_release_assets_and_checksums(tmp_path: Path) -> None:
         assert tar.getmember("bin/ollama").uid == 0
 
 
-@pytest.mark.parametrize(("kind", "asset", "member"), [
-    ("traversal", "ollama-linux-amd64.tar.zst", "../evil.txt"),
-    ("absolute", "ollama-linux-amd64.tgz", None),
-    ("symlink", "ollama-linux-amd64.tar.zst", "lib/ollama/link"),
-    ("fifo", "ollama-linux-amd64.tar.zst", "lib/ollama/fifo"),
-    ("device", "ollama-linux-amd64.tgz", "lib/ollama/null"),
-    ("traversal", "ollama-windows-amd64.zip", "../evil.txt"),
-])
+@pytest.mark.parametrize(
+    ("kind", "asset", "member"),
+    [
+        ("traversal", "ollama-linux-amd64.tar.zst", "../evil.txt"),
+        ("absolute", "ollama-linux-amd64.tgz", None),
+        ("symlink", "ollama-linux-amd64.tar.zst", "lib/ollama/link"),
+        ("fifo", "ollama-linux-amd64.tar.zst", "lib/ollama/fifo"),
+        ("device", "ollama-linux-amd64.tgz", "lib/ollama/null"),
+        ("traversal", "ollama-windows-amd64.zip", "../evil.txt"),
+    ],
+)
 def test_malicious_archives(tmp_path: Path, kind: str, asset: str, member: str | None) -> None:
     built = archives.build_malicious(tmp_path, "0.33.0", kind, asset=asset)
     members = archives.archive_members(built[asset])

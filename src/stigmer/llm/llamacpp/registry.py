@@ -115,33 +115,13 @@ def pull_from_registry(
         else:
             params = _params(name, data)
 
-    what = f"model {name} ({human_bytes(model.size)})"
     label = f"pulling {model.hex[:12]}"
     if have_model:
         log.info("%s: layer %s already in the store", name, model.hex[:12])
         report(Event(INSTALLING, label, key=model.digest, done=model.size, total=model.size))
     else:
-
-        def progress(done: int, total: int | None) -> None:
-            report(Event(INSTALLING, label, key=model.digest, done=done, total=total))
-
-        downloads.mkdir(parents=True, exist_ok=True)
-        dest = downloads / f"sha256-{model.hex}"
-        try:
-            got = parts.download_parts(
-                blob_url(name, registry_url, model.digest),
-                dest,
-                sha256=model.hex,
-                size=model.size,
-                what=what,
-                on_progress=progress,
-                timeout=STALL_TIMEOUT,
-            )
-        except NetworkUnreachable as e:
-            raise NetworkUnreachable(
-                f"Pulling {name} failed: {e.message}", hint=MIRROR_HINT, code=e.code
-            ) from e
-        blob = store.adopt(got.path, model.hex)
+        got = _download_model(name, registry_url, model, downloads, report, label)
+        blob = store.adopt(got, model.hex)
 
     stored = StoredModel(
         name=name.short,
@@ -155,6 +135,44 @@ def pull_from_registry(
     )
     store.add(stored)
     return stored
+
+
+def _download_model(
+    name: ModelName, registry_url: str, model: Layer, downloads: Path, report: Reporter, label: str
+) -> Path:
+    """The verified model layer in downloads/, fetched in parallel parts (resuming an earlier try)."""
+    dest = downloads / f"sha256-{model.hex}"
+    # Finished but not yet moved into the store (a crash between the two): check it, do not fetch again.
+    if dest.is_file() and dest.stat().st_size == model.size and _sha256_file(dest) == model.hex:
+        report(Event(INSTALLING, label, key=model.digest, done=model.size, total=model.size))
+        return dest
+
+    def progress(done: int, total: int | None) -> None:
+        report(Event(INSTALLING, label, key=model.digest, done=done, total=total))
+
+    try:
+        got = parts.download_parts(
+            blob_url(name, registry_url, model.digest),
+            dest,
+            sha256=model.hex,
+            size=model.size,
+            what=f"model {name} ({human_bytes(model.size)})",
+            on_progress=progress,
+            timeout=STALL_TIMEOUT,
+        )
+    except NetworkUnreachable as e:
+        raise NetworkUnreachable(f"Pulling {name} failed: {e.message}", hint=MIRROR_HINT, code=e.code) from e
+    return got.path
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb", buffering=0) as f:
+        buf = bytearray(parts.HASH_BLOCK)
+        view = memoryview(buf)
+        while n := f.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()
 
 
 def fetch_manifest(name: ModelName, url: str) -> list[Layer]:
