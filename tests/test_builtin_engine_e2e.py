@@ -136,7 +136,7 @@ def test_port_taken_by_something_else(isolated_home: Paths, engine_env: dict[str
     try:
         r = run_cli("server", env=engine_env)
         assert r.returncode == 1
-        assert f"Port {port}" in r.stderr and "not the built-in engine" in r.stderr
+        assert f"Port {port}" in r.stderr and "not the Local LLM (built-in engine)" in r.stderr
         assert "Traceback" not in r.stderr
     finally:
         srv.shutdown()

@@ -82,7 +82,8 @@ def not_running_error(label: str = "Local LLM") -> StigmerError:
 
 class Provider(ABC):
     name: ClassVar[str]
-    label: ClassVar[str]
+    label: ClassVar[str]  # in the status block: "Provider: Local ✓ Running"
+    noun: ClassVar[str]  # in sentences: "the Local LLM"
 
     def __init__(self, settings: Settings, paths: Paths, report: Reporter = silent) -> None:
         self.settings = settings
@@ -98,6 +99,17 @@ class Provider(ABC):
     def openai_base_url(self) -> str:
         """Where an OpenAI-compatible client (the agent runner) talks to the model."""
         return self.base_url + "/v1"
+
+    def port_busy(self, answered: str) -> StigmerError:
+        """Something that is not our server answers on base_url: say what, and never touch it."""
+        host, port = host_port(self.base_url)
+        return StigmerError(
+            f"Port {port} on {host} is in use by another program, which is not the {self.noun} "
+            f"(it answered: {answered}).",
+            hint="Nothing was stopped. Stop that program, or use another port:\n"
+            f"  stigmer config set llm.base_url http://127.0.0.1:{port + 1}",
+            code="port_in_use",
+        )
 
     @abstractmethod
     def is_running(self) -> bool:

@@ -36,6 +36,7 @@ ENGINE_OWNER = "llamacpp"
 class LlamaCppProvider(ManagedServer):
     name = "llamacpp"
     label = "Local (built-in engine)"
+    noun = "Local LLM (built-in engine)"
 
     def _url(self, path: str) -> str:
         return self.base_url + path
@@ -50,7 +51,7 @@ class LlamaCppProvider(ManagedServer):
         except urllib.error.HTTPError as e:
             if e.code == 503:  # our engine, still loading its model
                 return self._record_model()
-            raise self._port_busy(f"HTTP {e.code} {e.reason}") from None
+            raise self.port_busy(f"HTTP {e.code} {e.reason}") from None
         except (urllib.error.URLError, OSError):
             return None
         try:
@@ -60,7 +61,7 @@ class LlamaCppProvider(ManagedServer):
                 return str(entry["id"])
         except (ValueError, KeyError, IndexError, TypeError, AttributeError):
             pass
-        raise self._port_busy(f"HTTP 200 from {server or 'an unknown server'}, not the built-in engine")
+        raise self.port_busy(f"HTTP 200 from {server or 'an unknown server'}, not the built-in engine")
 
     def _record_model(self) -> str | None:
         rec = self.managed_record()
@@ -68,16 +69,6 @@ class LlamaCppProvider(ManagedServer):
 
     def is_running(self) -> bool:
         return self.served_model() is not None
-
-    def _port_busy(self, answered: str) -> StigmerError:
-        host, port = host_port(self.base_url)
-        return StigmerError(
-            f"Port {port} on {host} is in use by another program, which is not the built-in engine "
-            f"(it answered: {answered}).",
-            hint="Nothing was stopped. Stop that program, or serve the built-in engine on another port:\n"
-            f"  stigmer config set llm.base_url http://127.0.0.1:{port + 1}",
-            code="port_in_use",
-        )
 
     # -- runtime: the engine ships with the product; what must be present is the model ---------------
     def ensure_runtime(self) -> None:

@@ -49,6 +49,7 @@ def download_failure_hint(paths_bin: str, download_url: str) -> str:
 class OllamaProvider(ManagedServer):
     name = "ollama"
     label = "Local"
+    noun = "Local LLM"
 
     def _url(self, path: str) -> str:
         return self.base_url + path
@@ -60,7 +61,7 @@ class OllamaProvider(ManagedServer):
                 body = resp.read(4096)
                 server = resp.headers.get("Server", "")
         except urllib.error.HTTPError as e:
-            raise self._port_busy(f"HTTP {e.code} {e.reason}" + _server(e.headers.get("Server"))) from None
+            raise self.port_busy(f"HTTP {e.code} {e.reason}" + _server(e.headers.get("Server"))) from None
         except (urllib.error.URLError, OSError):
             return False
         import json
@@ -71,17 +72,7 @@ class OllamaProvider(ManagedServer):
             data = None
         if isinstance(data, dict) and isinstance(data.get("version"), str):
             return True
-        raise self._port_busy(f"HTTP 200 with a non-LLM answer{_server(server)}: {body[:60]!r}")
-
-    def _port_busy(self, answered: str) -> StigmerError:
-        host, port = host_port(self.base_url)
-        return StigmerError(
-            f"Port {port} on {host} is in use by another program, which is not the Local LLM "
-            f"(it answered: {answered}).",
-            hint="Nothing was stopped. Stop that program, or run the Local LLM on another port:\n"
-            f"  stigmer config set llm.base_url http://127.0.0.1:{port + 1}",
-            code="port_in_use",
-        )
+        raise self.port_busy(f"HTTP 200 with a non-LLM answer{_server(server)}: {body[:60]!r}")
 
     # -- runtime -----------------------------------------------------------------------------------
     def runtime_binary(self) -> str | None:
