@@ -122,3 +122,22 @@ def test_every_key_and_env_var_is_documented_in_readme() -> None:
     for key in KEYS:
         assert f"`{key.name}`" in readme, key.name
         assert f"`{key.env}`" in readme, key.env
+
+
+def test_parsed_config_cache_follows_every_edit(isolated_home: Paths) -> None:
+    store.set_value(isolated_home, "llm.model", "llama3.2")
+    assert store.load(isolated_home, {}).model == "llama3.2"
+    cache = isolated_home.config_cache
+    assert cache.exists() and stat.S_IMODE(cache.stat().st_mode) == 0o600
+    assert store.load(isolated_home, {}).model == "llama3.2"  # served from the cache
+    # a hand edit in place (same inode) is seen at once
+    text = isolated_home.config_file.read_text().replace("llama3.2", "qwen2.5-coder:1.5b")
+    with isolated_home.config_file.open("w") as f:
+        f.write(text)
+    assert store.load(isolated_home, {}).model == "qwen2.5-coder:1.5b"
+    isolated_home.config_file.write_text("backend: [broken\n")
+    with pytest.raises(StigmerError, match="Malformed"):
+        store.load(isolated_home, {})
+    isolated_home.config_file.write_text("backend:\n  local:\n    llm:\n      offline_fallback: false\n")
+    assert store.load(isolated_home, {}).get("llm.offline_fallback") is False
+    assert store.load(isolated_home, {}).get("llm.offline_fallback") is False  # bool survives the cache

@@ -140,3 +140,16 @@ def test_log_rotation(tmp_path: Path) -> None:
     log.write_bytes(b"z" * 10)
     spawn.rotate_log(log, max_bytes=50, backups=2)
     assert log.exists()
+
+
+def test_create_time_matches_psutil() -> None:
+    import os
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        for pid in (os.getpid(), child.pid):
+            assert records.create_time(pid) == pytest.approx(psutil.Process(pid).create_time(), abs=0.02)
+        assert records.create_time(2**22 + 12345) is None
+    finally:
+        child.kill()
+        child.wait()

@@ -7,7 +7,6 @@ argparse (standard library) rather than typer/click: it costs ~7 ms to import ag
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Callable, Sequence
 
@@ -92,6 +91,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     if args.debug:
+        import logging  # only with --debug: keeps every other start-up lighter
+
         logging.basicConfig(
             level=logging.DEBUG, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr
         )
@@ -105,6 +106,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _load(target)(args)
     except StigmerError as e:
         if args.debug:
+            import logging
+
             logging.exception("error")
         Out().error(e.message, e.hint)
         return e.exit_code

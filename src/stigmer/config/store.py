@@ -6,6 +6,7 @@ A malformed file is never overwritten: every command that reads it fails with th
 from __future__ import annotations
 
 import io
+import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -137,9 +138,55 @@ def _line_of(doc: Any, key: Key) -> str:
         return ""
 
 
+def _stamp(path: Path) -> list[int] | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return [st.st_mtime_ns, st.st_size, st.st_ino]
+
+
+def _cached_document(paths: Paths, stamp: list[int] | None) -> Any:
+    """The parsed file from the JSON cache when it was made from this very file (same mtime, size, inode)."""
+    if stamp is None:
+        return None
+    try:
+        data = json.loads(paths.config_cache.read_bytes())
+    except (OSError, ValueError):
+        return None
+    return data.get("doc") if isinstance(data, dict) and data.get("stamp") == stamp else None
+
+
+def _plain(node: Any) -> Any:
+    """A round-trip document as plain JSON types (ruamel's booleans are ints underneath)."""
+    from ruamel.yaml.scalarbool import ScalarBoolean
+
+    if isinstance(node, Mapping):
+        return {str(k): _plain(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_plain(v) for v in node]
+    if isinstance(node, ScalarBoolean):
+        return bool(node)
+    if node is None or isinstance(node, bool | int | float | str):
+        return node
+    return str(node)
+
+
+def _save_cache(paths: Paths, stamp: list[int], doc: Any) -> None:
+    try:
+        body = json.dumps({"stamp": stamp, "doc": _plain(doc)}).encode()
+        atomic_write(paths.config_cache, body, mode=CONFIG_MODE)  # it holds what the file holds
+    except (OSError, TypeError, ValueError):
+        pass  # only a speed-up: never fail a command over it
+
+
 def load(paths: Paths, environ: Mapping[str, str] | None = None) -> Settings:
     env = os.environ if environ is None else environ
-    doc = _read_document(paths.config_file)
+    stamp = _stamp(paths.config_file)
+    doc = _cached_document(paths, stamp)
+    from_cache = doc is not None
+    if not from_cache:
+        doc = _read_document(paths.config_file)
     values: dict[str, Value] = {}
     sources: dict[str, Source] = {}
     for key in KEYS:
@@ -170,6 +217,8 @@ def load(paths: Paths, environ: Mapping[str, str] | None = None) -> Settings:
                     code="config_invalid",
                 ) from None
             sources[key.name] = "env"
+    if doc is not None and not from_cache and stamp is not None:
+        _save_cache(paths, stamp, doc)  # only a file whose values all passed validation
     return Settings(values, sources, paths.config_file, doc is not None)
 
 

@@ -11,8 +11,10 @@ by one JSON line with the identity.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,26 +70,59 @@ def remove(path: Path) -> None:
         path.unlink()
 
 
-def create_time(pid: int) -> float | None:
+def _identity(pid: int) -> tuple[float, bool] | None:
+    """(create time, is zombie or dead) of a live pid, None when there is no such process.
+
+    On Linux this reads /proc directly, computing the create time exactly as psutil does (boot time +
+    start ticks): `stigmer server llm status` has a 100 ms budget and importing psutil costs ~14 ms.
+    Elsewhere psutil does it.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except (FileNotFoundError, ProcessLookupError):
+            return None
+        except OSError:
+            pass  # e.g. hidepid: fall through to psutil
+        else:
+            fields = stat[stat.rindex(")") + 2 :].split()  # the command name may hold spaces and ')'
+            state, start_ticks = fields[0], int(fields[19])
+            return _boot_time() + start_ticks / _clock_ticks(), state in ("Z", "X")
     import psutil
 
     try:
-        return psutil.Process(pid).create_time()
-    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        p = psutil.Process(pid)
+        return p.create_time(), p.status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
+    except psutil.ZombieProcess:
+        return 0.0, True
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
         return None
+
+
+@functools.cache
+def _boot_time() -> float:
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith("btime"):
+            return float(line.split()[1])
+    raise OSError("no btime in /proc/stat")
+
+
+@functools.cache
+def _clock_ticks() -> int:
+    return os.sysconf("SC_CLK_TCK")
+
+
+def create_time(pid: int) -> float | None:
+    ident = _identity(pid)
+    return ident[0] if ident else None
 
 
 def is_ours(record: ProcessRecord) -> bool:
     """True only if the pid is alive, not a zombie, and is the very process we started."""
-    import psutil
-
-    try:
-        p = psutil.Process(record.pid)
-        if p.status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
-            return False
-        return abs(p.create_time() - record.create_time) <= CREATE_TIME_TOLERANCE
-    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+    ident = _identity(record.pid)
+    if ident is None or ident[1]:
         return False
+    return abs(ident[0] - record.create_time) <= CREATE_TIME_TOLERANCE
 
 
 def live_record(path: Path) -> ProcessRecord | None:

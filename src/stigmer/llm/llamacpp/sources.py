@@ -3,10 +3,8 @@ the Ollama registry, Hugging Face, or a local file. Each ends as an entry in the
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 from stigmer.config.store import Settings
@@ -15,7 +13,6 @@ from stigmer.llm.llamacpp.starter import STARTER_MODEL, starter_model_path
 from stigmer.llm.llamacpp.store import ModelStore, StoredModel
 from stigmer.llm.names import ModelName, parse_model_name
 from stigmer.llm.provider import INSTALLING, Event, Reporter, silent
-from stigmer.net.download import CHUNK, check_disk
 from stigmer.paths import Paths
 
 MODEL_LAYER = "application/vnd.ollama.image.model"
@@ -28,10 +25,15 @@ def store_for(paths: Paths) -> ModelStore:
     return ModelStore(paths.models_dir)
 
 
+HASH_BLOCK = 4 * 1024 * 1024
+
+
 def sha256_file(path: Path) -> str:
+    import hashlib
+
     h = hashlib.sha256()
     with path.open("rb") as f:
-        while block := f.read(CHUNK * 4):
+        while block := f.read(HASH_BLOCK):
             h.update(block)
     return h.hexdigest()
 
@@ -141,6 +143,11 @@ def _json_or_none(text: str | None) -> dict[str, object] | None:
 
 # -- a local file ------------------------------------------------------------------------------------
 def import_file(paths: Paths, src: Path, name: str, report: Reporter = silent) -> StoredModel:
+    import hashlib
+    import tempfile
+
+    from stigmer.net.download import check_disk
+
     model_name = parse_model_name(name)
     if not src.is_file():
         raise StigmerError(
@@ -163,7 +170,7 @@ def import_file(paths: Paths, src: Path, name: str, report: Reporter = silent) -
     done = 0
     try:
         with os.fdopen(fd, "wb") as out, src.open("rb") as f:
-            while block := f.read(CHUNK * 4):
+            while block := f.read(HASH_BLOCK):
                 out.write(block)
                 h.update(block)
                 done += len(block)

