@@ -141,3 +141,13 @@ def test_parsed_config_cache_follows_every_edit(isolated_home: Paths) -> None:
     isolated_home.config_file.write_text("backend:\n  local:\n    llm:\n      offline_fallback: false\n")
     assert store.load(isolated_home, {}).get("llm.offline_fallback") is False
     assert store.load(isolated_home, {}).get("llm.offline_fallback") is False  # bool survives the cache
+
+
+def test_stigmer_home_that_is_a_file_is_a_clear_error(tmp_path: Path) -> None:
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("x")
+    r = run_cli("server", env={"STIGMER_HOME": str(not_a_dir)})
+    assert r.returncode == 1 and "STIGMER_HOME" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("--debug", "config", "set", "llm.model", "x", env={"STIGMER_HOME": str(not_a_dir)})
+    assert r.returncode == 1 and "Traceback" in r.stderr  # tracebacks only with --debug
+    assert not_a_dir.read_text() == "x"

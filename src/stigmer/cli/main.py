@@ -87,6 +87,23 @@ def _load(target: str) -> Handler:
     return handler
 
 
+def _os_error(e: OSError) -> tuple[str, str]:
+    import errno
+
+    where = f" ({e.filename})" if e.filename else ""
+    what = f"{e.strerror or e}{where}."
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"The disk is full{where}.", "Free some space and run the command again; nothing was lost."
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return what, "Check the permissions of STIGMER_HOME (default ~/.stigmer), or point it elsewhere."
+    if e.errno in (errno.ENOTDIR, errno.EEXIST):
+        return (
+            what,
+            "STIGMER_HOME (default ~/.stigmer) must be a folder: move the file away or set STIGMER_HOME.",
+        )
+    return what, "Run the command again with --debug for details."
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -111,6 +128,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             logging.exception("error")
         Out().error(e.message, e.hint)
         return e.exit_code
+    except OSError as e:
+        # Filesystem trouble the user can fix (a full disk, permissions, STIGMER_HOME not a folder).
+        if args.debug:
+            import logging
+
+            logging.exception("error")
+        Out().error(*_os_error(e))
+        return 1
     except KeyboardInterrupt:
         Out().error("Interrupted.", "Run the command again to continue: downloads resume where they stopped.")
         return 130
