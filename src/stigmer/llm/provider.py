@@ -95,6 +95,9 @@ class Provider(ABC):
     def base_url(self) -> str:
         return self.settings.base_url
 
+    def url(self, path: str) -> str:
+        return self.base_url + path
+
     @property
     def openai_base_url(self) -> str:
         """Where an OpenAI-compatible client (the agent runner) talks to the model."""

@@ -38,14 +38,11 @@ class LlamaCppProvider(ManagedServer):
     label = "Local (built-in engine)"
     noun = "Local LLM (built-in engine)"
 
-    def _url(self, path: str) -> str:
-        return self.base_url + path
-
     # -- running? ----------------------------------------------------------------------------------
     def served_model(self) -> str | None:
         """The alias our engine serves on base_url; None when nothing listens; an error for a stranger."""
         try:
-            with http.request(self._url("/v1/models"), timeout=PROBE_TIMEOUT) as resp:
+            with http.request(self.url("/v1/models"), timeout=PROBE_TIMEOUT) as resp:
                 body = resp.read(64 * 1024)
                 server = resp.headers.get("Server", "")
         except urllib.error.HTTPError as e:
@@ -109,7 +106,7 @@ class LlamaCppProvider(ManagedServer):
 
     def _healthy(self) -> bool:
         try:
-            with http.request(self._url("/health"), timeout=PROBE_TIMEOUT) as resp:
+            with http.request(self.url("/health"), timeout=PROBE_TIMEOUT) as resp:
                 return int(resp.status) == 200
         except (urllib.error.URLError, OSError):
             return False

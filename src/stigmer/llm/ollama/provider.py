@@ -51,13 +51,10 @@ class OllamaProvider(ManagedServer):
     label = "Local"
     noun = "Local LLM"
 
-    def _url(self, path: str) -> str:
-        return self.base_url + path
-
     # -- running? ----------------------------------------------------------------------------------
     def is_running(self) -> bool:
         try:
-            with http.request(self._url("/api/version"), timeout=PROBE_TIMEOUT) as resp:
+            with http.request(self.url("/api/version"), timeout=PROBE_TIMEOUT) as resp:
                 body = resp.read(4096)
                 server = resp.headers.get("Server", "")
         except urllib.error.HTTPError as e:
@@ -124,7 +121,7 @@ class OllamaProvider(ManagedServer):
 
     def _answers_root(self) -> bool:
         try:
-            with http.request(self._url("/"), method="HEAD", timeout=PROBE_TIMEOUT) as resp:
+            with http.request(self.url("/"), method="HEAD", timeout=PROBE_TIMEOUT) as resp:
                 return int(resp.status) == 200
         except (urllib.error.URLError, OSError):
             return False
@@ -132,7 +129,7 @@ class OllamaProvider(ManagedServer):
     # -- models ------------------------------------------------------------------------------------
     def _tags(self) -> list[dict[str, Any]]:
         try:
-            data = http.get_json(self._url("/api/tags"), timeout=10)
+            data = http.get_json(self.url("/api/tags"), timeout=10)
         except (urllib.error.URLError, OSError) as e:
             if http.is_unreachable(e):
                 raise not_running_error() from None
@@ -164,7 +161,7 @@ class OllamaProvider(ManagedServer):
         self.report(Event(INSTALLING, f"Downloading {what}"))
         try:
             for line in http.stream_lines(
-                self._url("/api/pull"), {"model": model, "stream": True}, timeout=60
+                self.url("/api/pull"), {"model": model, "stream": True}, timeout=60
             ):
                 if "error" in line:
                     raise _pull_error(model, str(line["error"]))
@@ -203,7 +200,7 @@ class OllamaProvider(ManagedServer):
     def remove(self, model: str) -> None:
         parse_model_name(model)
         try:
-            with http.request(self._url("/api/delete"), method="DELETE", body={"model": model}, timeout=30):
+            with http.request(self.url("/api/delete"), method="DELETE", body={"model": model}, timeout=30):
                 pass
         except urllib.error.HTTPError as e:
             if e.code == 404:
