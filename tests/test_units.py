@@ -153,3 +153,26 @@ def test_create_time_matches_psutil() -> None:
     finally:
         child.kill()
         child.wait()
+
+
+def test_runtime_switch_per_platform(tmp_path: Path) -> None:
+    """POSIX: `current` and bin/ollama are symlinks, swapped atomically. Windows: a pointer file."""
+    from stigmer.llm.ollama import install
+    from stigmer.paths import Paths
+
+    paths = Paths(tmp_path / "home")
+    root = install.runtime_root(paths)
+    for version in ("v1.0.0", "v2.0.0"):
+        (root / version / "bin").mkdir(parents=True)
+        (root / version / "bin" / "ollama").write_text(version)
+        (root / version / "ollama.exe").write_text(version)
+    paths.ensure(paths.bin_dir)
+    linux, windows = Platform("linux", "amd64"), Platform("windows", "amd64")
+    install._switch(paths, root, "v1.0.0", linux)
+    install._switch(paths, root, "v2.0.0", linux)
+    assert install.installed_binary(paths, linux).read_text() == "v2.0.0"
+    assert install.installed_version(paths) == "2.0.0"
+    assert (paths.bin_dir / "ollama").is_symlink()
+    install._switch(paths, root, "v1.0.0", windows)
+    assert (root / "current.txt").read_text() == "v1.0.0"
+    assert install.installed_binary(paths, windows) == root / "v1.0.0" / "ollama.exe"
