@@ -24,7 +24,6 @@ import os
 import pstats
 import queue
 import re
-import resource
 import shutil
 import statistics
 import subprocess
@@ -38,12 +37,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-import psutil
+# bench/_common.py: `python bench/NAME.py` puts bench/ first on sys.path
+from _common import MB, CpuWatch, machine_line, make_file, settle, stop_process, time_curl
 
 from stigmer.net.download import download
-
-MB = 1_000_000
-
 
 # -- the server (child process: `python bench/download_vs_curl.py --serve ROOT`) ----------------------
 
@@ -122,96 +119,6 @@ def start_server(root: Path) -> tuple[subprocess.Popen[str], str]:
 # -- contenders -------------------------------------------------------------------------------------
 
 
-def cpu_busy(seconds: float = 1.0) -> float | None:
-    """Share of the machine's CPU time spent busy over `seconds` (Linux); None where unknown."""
-
-    def sample() -> tuple[int, int]:
-        with open("/proc/stat") as f:
-            vals = [int(x) for x in f.readline().split()[1:]]
-        return vals[3] + vals[4], sum(vals)  # idle + iowait, total
-
-    try:
-        idle0, total0 = sample()
-        time.sleep(seconds)
-        idle1, total1 = sample()
-    except (OSError, ValueError, IndexError):
-        return None
-    return 1 - (idle1 - idle0) / max(total1 - total0, 1)
-
-
-class CpuWatch:
-    """How much CPU other programs used while the benchmark ran (Linux; approximate): the machine's busy
-    time from /proc/stat minus this process's and its waited-for children's, minus `extra` (seconds used
-    by detached processes we started, such as the engine). Shared machines make figures noisy; this says
-    how much."""
-
-    def __init__(self) -> None:
-        self.extra = 0.0
-        self._start = (self._machine(), self._own(), time.monotonic())
-
-    @staticmethod
-    def _machine() -> float | None:
-        try:
-            with open("/proc/stat") as f:
-                vals = [int(x) for x in f.readline().split()[1:]]
-        except (OSError, ValueError):
-            return None
-        # user + nice + system + steal; irq/softirq left out: loopback traffic lands there, not in our rusage
-        busy = vals[0] + vals[1] + vals[2] + vals[7]
-        return busy / os.sysconf("SC_CLK_TCK")
-
-    @staticmethod
-    def _own() -> float:
-        me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-        return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
-
-    def add_process(self, pid: int) -> None:
-        """Count a detached process's CPU time as ours (call just before stopping it)."""
-        try:
-            t = psutil.Process(pid).cpu_times()
-            self.extra += t.user + t.system
-        except psutil.Error:
-            pass
-
-    def report(self) -> str:
-        machine0, own0, wall0 = self._start
-        machine1 = self._machine()
-        if machine0 is None or machine1 is None:
-            return "CPU used by other programs during the run: unknown (no /proc/stat)"
-        wall = time.monotonic() - wall0
-        other = max(0.0, (machine1 - machine0) - (self._own() - own0) - self.extra)
-        share = other / (wall * (os.cpu_count() or 1))
-        text = f"CPU used by other programs during the run: {share:.0%} of the machine ({other:.1f} cpu-s)"
-        return text + (" -- WARNING: figures disturbed by other load" if share > 0.10 else "")
-
-
-def machine_line() -> None:
-    busy = cpu_busy()
-    text = f"machine: {os.cpu_count()} cpus, python {sys.version.split()[0]}"
-    if busy is not None:
-        text += f", {busy:.0%} CPU busy before the run"
-        if busy > 0.15:
-            text += " -- WARNING: something else is running; figures will be noisy"
-    print(text, flush=True)
-
-
-def make_file(path: Path, size: int) -> str:
-    h = hashlib.sha256()
-    with path.open("wb") as f:
-        left = size
-        while left:
-            block = os.urandom(min(16 * 1024 * 1024, left))
-            f.write(block)
-            h.update(block)
-            left -= len(block)
-    return h.hexdigest()
-
-
-def settle() -> None:
-    """Flush dirty pages left by the previous run so that its writeback does not slow the next one."""
-    os.sync()
-
-
 def time_product(url: str, dest: Path, sha256: str, size: int) -> float:
     settle()
     t = time.perf_counter()
@@ -220,19 +127,6 @@ def time_product(url: str, dest: Path, sha256: str, size: int) -> float:
     if got.size != size:
         raise SystemExit(f"download() fetched {got.size} bytes, expected {size}")
     dest.unlink()
-    return elapsed
-
-
-def time_curl(curl: str, url: str, dest: str, size: int | None) -> float:
-    settle()
-    t = time.perf_counter()
-    subprocess.run([curl, "-s", "-o", dest, url], check=True, timeout=300)
-    elapsed = time.perf_counter() - t
-    if size is not None:
-        out = Path(dest)
-        if out.stat().st_size != size:
-            raise SystemExit("curl fetched the wrong size")
-        out.unlink()
     return elapsed
 
 
@@ -363,12 +257,7 @@ def bench(args: argparse.Namespace) -> None:
             profile_product(url, out / "profiled.bin", sha)
     finally:
         if server is not None:
-            server.terminate()
-            try:
-                server.wait(5)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
+            stop_process(server, 5)
         shutil.rmtree(tmp, ignore_errors=True)
     print(watch.report())  # after the server child was waited for: its CPU time counts as ours
 

@@ -16,8 +16,6 @@ Target: ratio (ours / curl) >= 0.8.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import os
 import shutil
 import statistics
 import subprocess
@@ -26,43 +24,21 @@ import tempfile
 import time
 from pathlib import Path
 
+# bench/_common.py: `python bench/NAME.py` puts bench/ first on sys.path
+from _common import MB, make_file, settle, time_curl
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.doubles
 
 from tests.doubles.fake_registry import FakeRegistry  # noqa: E402
 
 from stigmer.net.parts import download_parts  # noqa: E402 - after the path set-up above
 
-MB = 1_000_000
-
-
-def make_file(path: Path, size: int) -> str:
-    h = hashlib.sha256()
-    with path.open("wb") as f:
-        left = size
-        while left:
-            block = os.urandom(min(16 * 1024 * 1024, left))
-            f.write(block)
-            h.update(block)
-            left -= len(block)
-    return h.hexdigest()
-
 
 def time_ours(url: str, dest: Path, sha256: str, size: int) -> float:
-    os.sync()
+    settle()
     t = time.perf_counter()
     download_parts(url, dest, sha256=sha256, size=size, what="bench blob")
     elapsed = time.perf_counter() - t
-    dest.unlink()
-    return elapsed
-
-
-def time_curl(curl: str, url: str, dest: Path, size: int) -> float:
-    os.sync()
-    t = time.perf_counter()
-    subprocess.run([curl, "-s", "-L", "-o", str(dest), url], check=True, timeout=300)
-    elapsed = time.perf_counter() - t
-    if dest.stat().st_size != size:
-        raise SystemExit("curl fetched the wrong size")
     dest.unlink()
     return elapsed
 
@@ -104,7 +80,7 @@ def main() -> None:
             if served_sha != sha:
                 raise SystemExit("the server computed another digest")
             time_ours(url, root / "ours.bin", sha, size)  # warm-up, untimed
-            time_curl(curl, url, root / "curl.bin", size)
+            time_curl(curl, url, root / "curl.bin", size, follow=True)
             ours: list[float] = []
             theirs: list[float] = []
             for i in range(args.repeat):
@@ -113,7 +89,7 @@ def main() -> None:
                     if who == "ours":
                         ours.append(time_ours(url, root / "ours.bin", sha, size))
                     else:
-                        theirs.append(time_curl(curl, url, root / "curl.bin", size))
+                        theirs.append(time_curl(curl, url, root / "curl.bin", size, follow=True))
                 print(
                     f"run {i + 1}: download_parts {size / MB / ours[-1]:7.0f} MB/s   "
                     f"curl {size / MB / theirs[-1]:7.0f} MB/s",

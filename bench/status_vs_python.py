@@ -1,12 +1,15 @@
 """Benchmark: wall time of `stigmer server llm status` against `python -c pass`, in the same run.
 
 Both run N times (after 2 warm-ups each) as subprocesses, alternating, with STIGMER_HOME in a temp dir
-holding a config file (provider llamacpp on a free loopback port). Two cases:
+holding a config file (provider llamacpp on a free loopback port) and bytecode cached in the temp dir
+(PYTHONPYCACHEPREFIX), as a pip install has it. Cases:
   (a) nothing running: the status probe meets a closed port;
+  (a') the same without a bytecode cache, when PYTHONDONTWRITEBYTECODE is set here (as in this sandbox);
   (b) a Local LLM running: the built-in engine, started through the product (`stigmer server`), stopped
       at the end with `stigmer server stop`.
-Prints median / p90 of both and the difference (target: status under 100 ms here), then the top 10
-imports by cumulative time from `python -X importtime -m stigmer server llm status`.
+Prints median / p90 of both and the difference (target: status under 100 ms here), the command's phases
+timed in-process, and the top 10 imports by cumulative (and by own) time from
+`python -X importtime -m stigmer server llm status`.
 
     python bench/status_vs_python.py [-n 20] [--skip-running]
 """
@@ -17,9 +20,7 @@ import argparse
 import json
 import os
 import re
-import resource
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -27,137 +28,18 @@ import tempfile
 import time
 from pathlib import Path
 
-import psutil
+# bench/_common.py: `python bench/NAME.py` puts bench/ first on sys.path
+from _common import CpuWatch, free_port, isolated_env, machine_line, start_engine, stigmer_exe, stop_engine
 
 from stigmer.config import store
 from stigmer.paths import Paths
-from stigmer.proc import record as records
 
 TARGET_MS = 100.0
 STATUS = ["server", "llm", "status"]
 
 
-def free_port() -> int:
-    while True:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = int(sock.getsockname()[1])
-        if port not in (11434, 11435):
-            return port
-
-
-def stigmer_exe() -> list[str]:
-    exe = Path(sys.executable).with_name("stigmer")
-    if exe.is_file():
-        return [str(exe)]
-    found = shutil.which("stigmer")
-    return [found] if found else [sys.executable, "-m", "stigmer"]
-
-
-def cpu_busy(seconds: float = 1.0) -> float | None:
-    """Share of the machine's CPU time spent busy over `seconds` (Linux); None where unknown."""
-
-    def sample() -> tuple[int, int]:
-        with open("/proc/stat") as f:
-            vals = [int(x) for x in f.readline().split()[1:]]
-        return vals[3] + vals[4], sum(vals)  # idle + iowait, total
-
-    try:
-        idle0, total0 = sample()
-        time.sleep(seconds)
-        idle1, total1 = sample()
-    except (OSError, ValueError, IndexError):
-        return None
-    return 1 - (idle1 - idle0) / max(total1 - total0, 1)
-
-
-class CpuWatch:
-    """How much CPU other programs used while the benchmark ran (Linux; approximate): the machine's busy
-    time from /proc/stat minus this process's and its waited-for children's, minus `extra` (seconds used
-    by detached processes we started, such as the engine). Shared machines make figures noisy; this says
-    how much."""
-
-    def __init__(self) -> None:
-        self.extra = 0.0
-        self._start = (self._machine(), self._own(), time.monotonic())
-
-    @staticmethod
-    def _machine() -> float | None:
-        try:
-            with open("/proc/stat") as f:
-                vals = [int(x) for x in f.readline().split()[1:]]
-        except (OSError, ValueError):
-            return None
-        # user + nice + system + steal; irq/softirq left out: loopback traffic lands there, not in our rusage
-        busy = vals[0] + vals[1] + vals[2] + vals[7]
-        return busy / os.sysconf("SC_CLK_TCK")
-
-    @staticmethod
-    def _own() -> float:
-        me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-        return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
-
-    def add_process(self, pid: int) -> None:
-        """Count a detached process's CPU time as ours (call just before stopping it)."""
-        try:
-            t = psutil.Process(pid).cpu_times()
-            self.extra += t.user + t.system
-        except psutil.Error:
-            pass
-
-    def report(self) -> str:
-        machine0, own0, wall0 = self._start
-        machine1 = self._machine()
-        if machine0 is None or machine1 is None:
-            return "CPU used by other programs during the run: unknown (no /proc/stat)"
-        wall = time.monotonic() - wall0
-        other = max(0.0, (machine1 - machine0) - (self._own() - own0) - self.extra)
-        share = other / (wall * (os.cpu_count() or 1))
-        text = f"CPU used by other programs during the run: {share:.0%} of the machine ({other:.1f} cpu-s)"
-        return text + (" -- WARNING: figures disturbed by other load" if share > 0.10 else "")
-
-
-def machine_line() -> None:
-    busy = cpu_busy()
-    text = f"machine: {os.cpu_count()} cpus, python {sys.version.split()[0]}"
-    if busy is not None:
-        text += f", {busy:.0%} CPU busy before the run"
-        if busy > 0.15:
-            text += " -- WARNING: something else is running; figures will be noisy"
-    print(text, flush=True)
-
-
-def isolated_env(tmp: Path, port: int) -> dict[str, str]:
-    """Our environment minus STIGMER_* and proxies, with every product path inside tmp.
-
-    Bytecode is cached in tmp/pycache (PYTHONPYCACHEPREFIX) as a pip install would have it: an editable
-    install run with PYTHONDONTWRITEBYTECODE=1 (as in this sandbox) recompiles stigmer's sources at
-    every start, which is not what users get. `uncached_env` measures that case separately."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith("STIGMER_") and k.lower() not in ("http_proxy", "https_proxy", "all_proxy")
-    }
-    env.pop("PYTHONDONTWRITEBYTECODE", None)
-    user_home = tmp / "user-home"
-    user_home.mkdir(exist_ok=True)
-    env.update(
-        {
-            "PYTHONPYCACHEPREFIX": str(tmp / "pycache"),
-            "STIGMER_HOME": str(tmp / "stigmer-home"),
-            "HOME": str(user_home),
-            "OLLAMA_MODELS": str(user_home / ".ollama" / "models"),
-            "NO_COLOR": "1",
-            "STIGMER_LLM_PROVIDER": "llamacpp",
-            "STIGMER_LLM_BASE_URL": f"http://127.0.0.1:{port}",
-            "STIGMER_LLM_CONTEXT_SIZE": "1024",
-        }
-    )
-    return env
-
-
 def uncached_env(env: dict[str, str]) -> dict[str, str]:
-    """The same, but as this environment runs it: PYTHONDONTWRITEBYTECODE as inherited, no prefix."""
+    """`isolated_env`'s, but as this environment runs it: PYTHONDONTWRITEBYTECODE as inherited, no prefix."""
     out = {k: v for k, v in env.items() if k != "PYTHONPYCACHEPREFIX"}
     if "PYTHONDONTWRITEBYTECODE" in os.environ:
         out["PYTHONDONTWRITEBYTECODE"] = os.environ["PYTHONDONTWRITEBYTECODE"]
@@ -297,20 +179,10 @@ _PHASE_NAMES = [
     "active.status(): pid record (psutil), provider import, HTTP probe, model store",
     "render the block",
 ]
-CANDIDATES = [
-    "psutil",
-    "ruamel.yaml",
-    "importlib.metadata",
-    "urllib.request",
-    "http.client",
-    "hashlib",
-    "logging",
-    "argparse",
-]
 
 
-def breakdown(label: str, env: dict[str, str], runs: int = 10, *, imports: bool = True) -> None:
-    """Where the status command's own time goes, and what its heaviest imports cost alone."""
+def breakdown(label: str, env: dict[str, str], runs: int = 10) -> None:
+    """Where the status command's own time goes, phase by phase."""
     phases: list[list[float]] = []
     for _ in range(runs):
         r = subprocess.run(
@@ -330,33 +202,6 @@ def breakdown(label: str, env: dict[str, str], runs: int = 10, *, imports: bool 
         total += ms
         print(f"  {ms:6.1f}  {name}")
     print(f"  {total:6.1f}  total")
-    if not imports:
-        return
-    base = statistics.median(run_once([sys.executable, "-c", "pass"], env) for _ in range(runs))
-    print(
-        f"cost of importing one module alone (python -c 'import X' minus python -c pass, median of {runs}, "
-        "ms; shared dependencies are counted in each):"
-    )
-    for mod in CANDIDATES:
-        t = statistics.median(run_once([sys.executable, "-c", f"import {mod}"], env) for _ in range(runs))
-        print(f"  {(t - base) * 1000:6.1f}  {mod}")
-
-
-def stop_engine(env: dict[str, str], home: Path, watch: CpuWatch) -> None:
-    rec = records.read(Paths(home).llm_pid)
-    if rec is not None:
-        watch.add_process(rec.pid)
-    subprocess.run(
-        [*stigmer_exe(), "server", "stop"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        timeout=60,
-    )
-    if Paths(home).llm_pid.exists():  # the CLI failed: stop it with the product's own code
-        from stigmer.llm.provider import stop_managed
-
-        stop_managed(Paths(home))
 
 
 def main() -> None:
@@ -376,17 +221,13 @@ def main() -> None:
         print(f"stigmer: {' '.join(stigmer_exe())}")
         check_output(env, "Not Running")
         compare("a: nothing running", env, args.n)
-        breakdown("a", env, imports=False)
+        breakdown("a", env)
         if os.environ.get("PYTHONDONTWRITEBYTECODE"):
             compare("a, no bytecode cache: PYTHONDONTWRITEBYTECODE=1 as inherited", uncached_env(env), args.n)
         if not args.skip_running:
             t = time.perf_counter()
-            r = subprocess.run(
-                [*stigmer_exe(), "server"], env=env, capture_output=True, text=True, timeout=120
-            )
-            started = True
-            if r.returncode != 0:
-                raise SystemExit(f"stigmer server failed:\n{r.stdout}{r.stderr}")
+            started = True  # from here on, stop whatever `stigmer server` may have started
+            start_engine(env)
             print(f"(stigmer server started the built-in engine in {time.perf_counter() - t:.2f} s)")
             check_output(env, "✓ Running")
             compare("b: built-in engine running", env, args.n)
@@ -394,7 +235,7 @@ def main() -> None:
         importtime(env)
     finally:
         if started:
-            stop_engine(env, home, watch)
+            stop_engine(env, watch)
         shutil.rmtree(tmp, ignore_errors=True)
     print(watch.report())
 
