@@ -4,6 +4,10 @@ Bytes go to `<dest>.partial`; a later call continues it with a Range request (an
 corrupting anything, when the server answers 200 instead of 206). The sha256 is computed while
 streaming; only a verified file is renamed to its final name. A network failure keeps the partial file;
 a checksum mismatch deletes it, since those bytes can never become right.
+
+This single-stream downloader serves files whose size is not known before the request (release
+archives). When the size is known up front (registry layers), `net.parts.download_parts` fetches the
+file in parallel Range parts, each resuming on its own; both share the pieces below.
 """
 
 from __future__ import annotations
