@@ -94,8 +94,11 @@ class Out:
             "fine for trying things out, weaker than"
         )
         self.line(f"            the configured {fb.get('configured_model', '')}")
-        self.line("  To get the configured model, once the network is back:")
-        self.line("    stigmer server stop && stigmer server")
+        self.line("  To get the configured model once the network is back, run again: stigmer server")
+        self.line("  Or pull it for the built-in engine from the model registry (if only the runtime's")
+        self.line("  download is blocked):")
+        self.line("    stigmer config set llm.provider llamacpp")
+        self.line(f"    stigmer server llm pull {fb.get('configured_model', '')}")
 
     def model_list(self, models: list[ModelInfo], current: str, same: Any) -> None:
         self.line("Available Models:")

@@ -91,7 +91,6 @@ class OllamaProvider(ManagedServer):
             return
         from stigmer.llm.ollama import install
 
-        self.report(Event(INSTALLING, "Downloading local LLM"))
         try:
             install.install(self.settings, self.paths, self.report)
         except NetworkUnreachable as e:
