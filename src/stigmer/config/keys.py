@@ -194,9 +194,3 @@ PROVIDER_DEFAULTS: dict[str, dict[str, str]] = {
     "llamacpp": {"llm.model": "smollm2:135m", "llm.base_url": "http://127.0.0.1:11435"},
 }
 
-
-def lookup(name: str) -> Key:
-    try:
-        return BY_NAME[name]
-    except KeyError:
-        raise KeyError(name) from None

@@ -9,7 +9,7 @@ import io
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -34,7 +34,6 @@ class Settings:
     sources: dict[str, Source]
     file: Path
     file_exists: bool
-    extras: dict[str, Any] = field(default_factory=dict)
 
     def get(self, name: str) -> Value:
         """Effective value; llm.model and llm.base_url follow the provider when left empty."""

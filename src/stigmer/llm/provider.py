@@ -98,11 +98,6 @@ class Provider(ABC):
     def url(self, path: str) -> str:
         return self.base_url + path
 
-    @property
-    def openai_base_url(self) -> str:
-        """Where an OpenAI-compatible client (the agent runner) talks to the model."""
-        return self.base_url + "/v1"
-
     def port_busy(self, answered: str) -> StigmerError:
         """Something that is not our server answers on base_url: say what, and never touch it."""
         host, port = host_port(self.base_url)

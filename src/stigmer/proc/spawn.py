@@ -101,7 +101,7 @@ def stop(rec: ProcessRecord, *, timeout: float = 10.0) -> bool:
     except psutil.NoSuchProcess:
         return True
     _signal(rec.pid, signal.SIGTERM)
-    gone, alive = psutil.wait_procs([proc, *children], timeout=timeout)
+    _gone, alive = psutil.wait_procs([proc, *children], timeout=timeout)
     for p in alive:
         log.warning("pid %s did not stop in %.0fs; killing it", p.pid, timeout)
         try:

