@@ -38,13 +38,21 @@ def stigmer_exe() -> list[str]:
 
 
 def run_cli(
-    *args: str, env: dict[str, str] | None = None, timeout: float = 120
+    *args: str, env: dict[str, str] | None = None, timeout: float = 120, merged: bool = False
 ) -> subprocess.CompletedProcess[str]:
-    """Run the installed `stigmer` command for real, in a subprocess, with the test's environment."""
+    """Run the installed `stigmer` command for real, in a subprocess, with the test's environment.
+
+    merged=True interleaves stderr (progress, notices) into stdout (results) as a terminal shows them.
+    """
     full_env = dict(os.environ)
     full_env.update(env or {})
     return subprocess.run(
-        [*stigmer_exe(), *args], env=full_env, capture_output=True, text=True, timeout=timeout
+        [*stigmer_exe(), *args],
+        env=full_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT if merged else subprocess.PIPE,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -57,6 +65,6 @@ def cli() -> object:
 def stop_llm(isolated_home: Paths) -> Iterator[None]:
     """Stops whatever LLM server a test started through the product, even when the test fails."""
     yield
-    from stigmer.llm.provider import stop_managed
+    from stigmer.llm.provider import stop_llm
 
-    stop_managed(isolated_home)
+    stop_llm(isolated_home)

@@ -10,9 +10,9 @@ import psutil
 import pytest
 
 from stigmer.config import store
-from stigmer.llm.client import ChatClient
+from stigmer.llm.endpoint import OpenAICompatible
 from stigmer.paths import Paths
-from stigmer.proc import record as records
+from stigmer.services import record as records
 from tests.conftest import run_cli
 from tests.doubles.archives import free_port
 
@@ -35,12 +35,12 @@ def test_server_serves_starter_model_and_answers(isolated_home: Paths, engine_en
     assert "First-time setup" in r.stdout
     assert "✓ Ready!" in r.stdout and "Local (built-in engine) ✓ Running" in r.stdout
     assert "smollm2:135m" in r.stdout
-    rec = records.read(isolated_home.llm_pid)
+    rec = records.read(isolated_home.pid_file("llm"))
     assert rec is not None and records.is_ours(rec) and rec.info["provider"] == "llamacpp"
     cmd = psutil.Process(rec.pid).cmdline()
     assert "--host" in cmd and cmd[cmd.index("--host") + 1] == "127.0.0.1"  # loopback only
 
-    client = ChatClient(engine_env["STIGMER_LLM_BASE_URL"], "smollm2:135m")
+    client = OpenAICompatible(engine_env["STIGMER_LLM_BASE_URL"] + "/v1", "smollm2:135m")
     prompt = [{"role": "user", "content": "Say hello in one short sentence."}]
     answer = client.chat(prompt, max_tokens=24, temperature=0, seed=1)
     assert answer.strip()
@@ -65,12 +65,12 @@ def test_server_serves_starter_model_and_answers(isolated_home: Paths, engine_en
 
     again = run_cli("server", env=engine_env)
     assert again.returncode == 0 and "First-time setup" not in again.stdout
-    assert records.read(isolated_home.llm_pid).pid == rec.pid  # reused, not restarted
+    assert records.read(isolated_home.pid_file("llm")).pid == rec.pid  # reused, not restarted
 
     stop = run_cli("server", "stop", env=engine_env)
     assert stop.returncode == 0 and f"PID {rec.pid}" in stop.stdout
     assert not psutil.pid_exists(rec.pid) or psutil.Process(rec.pid).status() == psutil.STATUS_ZOMBIE
-    assert not isolated_home.llm_pid.exists()
+    assert not isolated_home.pid_file("llm").exists()
     st = run_cli("server", "llm", "status", env=engine_env)
     assert "✗ Not Running" in st.stdout
 
@@ -86,18 +86,18 @@ def test_import_switch_model_restarts_and_rm(
     assert r.returncode == 0, r.stderr
     assert "Imported" in r.stdout
     assert run_cli("server", env=engine_env).returncode == 0
-    first = records.read(isolated_home.llm_pid)
+    first = records.read(isolated_home.pid_file("llm"))
     env = {**engine_env, "STIGMER_LLM_MODEL": "mine:q4"}
     r = run_cli("server", env=env)
     assert r.returncode == 0, r.stderr
-    second = records.read(isolated_home.llm_pid)
+    second = records.read(isolated_home.pid_file("llm"))
     assert second.pid != first.pid and not records.is_ours(first)
     assert "Model:    mine:q4" in r.stdout
     ls = run_cli("server", "llm", "list", "--json", env=env)
     names = {m["name"]: m for m in json.loads(ls.stdout)}
     assert names["mine:q4"]["current"] is True and names["mine:q4"]["source"] == "import"
     r = run_cli("server", "llm", "rm", "smollm2:135m", env=env)
-    assert r.returncode == 1 and "cannot be removed" in r.stderr
+    assert r.returncode == 10 and "cannot be removed" in r.stderr
     run_cli("server", "stop", env=env)
     r = run_cli("server", "llm", "rm", "mine:q4", env=env)
     assert r.returncode == 0
@@ -109,20 +109,20 @@ def test_import_refuses_non_gguf(isolated_home: Paths, engine_env: dict[str, str
     bad = tmp_path / "notes.txt"
     bad.write_text("hello")
     r = run_cli("server", "llm", "import", str(bad), "--name", "x:y", env=engine_env)
-    assert r.returncode == 1 and "not a GGUF" in r.stderr
+    assert r.returncode == 5 and "not a GGUF" in r.stderr
 
 
-def test_engine_killed_is_restarted_and_never_signals_strangers(
+def test_killed_engine_shows_not_running_and_next_start_replaces_it(
     isolated_home: Paths, engine_env: dict[str, str]
 ) -> None:
     assert run_cli("server", env=engine_env).returncode == 0
-    rec = records.read(isolated_home.llm_pid)
+    rec = records.read(isolated_home.pid_file("llm"))
     os.kill(rec.pid, signal.SIGKILL)
     psutil.Process(rec.pid).wait(5) if psutil.pid_exists(rec.pid) else None
     st = run_cli("server", "llm", "status", env=engine_env)
     assert "✗ Not Running" in st.stdout
     r = run_cli("server", env=engine_env)
-    assert r.returncode == 0 and records.read(isolated_home.llm_pid).pid != rec.pid
+    assert r.returncode == 0 and records.read(isolated_home.pid_file("llm")).pid != rec.pid
 
 
 def test_port_taken_by_something_else(isolated_home: Paths, engine_env: dict[str, str]) -> None:
@@ -135,7 +135,7 @@ def test_port_taken_by_something_else(isolated_home: Paths, engine_env: dict[str
     t.start()
     try:
         r = run_cli("server", env=engine_env)
-        assert r.returncode == 1
+        assert r.returncode == 7
         assert f"Port {port}" in r.stderr and "not the Local LLM (built-in engine)" in r.stderr
         assert "Traceback" not in r.stderr
     finally:
@@ -147,5 +147,5 @@ def test_settings_reach_the_engine(isolated_home: Paths, engine_env: dict[str, s
     store.ensure_file(isolated_home)
     env = {**engine_env, "STIGMER_LLM_THREADS": "1", "STIGMER_LLM_CONTEXT_SIZE": "512"}
     assert run_cli("server", env=env).returncode == 0
-    cmd = psutil.Process(records.read(isolated_home.llm_pid).pid).cmdline()
+    cmd = psutil.Process(records.read(isolated_home.pid_file("llm")).pid).cmdline()
     assert cmd[cmd.index("--threads") + 1] == "1" and cmd[cmd.index("--ctx-size") + 1] == "512"

@@ -1,12 +1,13 @@
 from __future__ import annotations
 
+import os
 import stat
 from pathlib import Path
 
 import pytest
 
 from stigmer.config import store
-from stigmer.config.keys import KEYS
+from stigmer.config.schema import KEYS
 from stigmer.errors import StigmerError
 from stigmer.paths import Paths
 from tests.conftest import run_cli
@@ -25,21 +26,21 @@ def test_partial_file_is_merged_with_defaults(isolated_home: Paths) -> None:
     isolated_home.home.mkdir(parents=True)
     isolated_home.config_file.write_text("backend:\n  local:\n    llm:\n      model: llama3.2\n")
     s = store.load(isolated_home, {})
-    assert s.model == "llama3.2"
-    assert s.provider == "ollama"
-    assert s.base_url == "http://127.0.0.1:11434"
-    assert s.get("llm.download_url") == "https://github.com/ollama/ollama/releases"
+    assert s.llm.model == "llama3.2"
+    assert s.llm.provider == "ollama"
+    assert s.llm.base_url == "http://127.0.0.1:11434"
+    assert s.llm.download_url == "https://github.com/ollama/ollama/releases"
     assert s.source("llm.model") == "file" and s.source("llm.provider") == "default"
 
 
 def test_environment_beats_file_beats_default(isolated_home: Paths) -> None:
     store.set_value(isolated_home, "llm.model", "llama3.2")
     s = store.load(isolated_home, {"STIGMER_LLM_MODEL": "qwen2.5-coder:1.5b"})
-    assert s.model == "qwen2.5-coder:1.5b" and s.source("llm.model") == "env"
+    assert s.llm.model == "qwen2.5-coder:1.5b" and s.source("llm.model") == "env"
     s = store.load(isolated_home, {"STIGMER_LLM_PROVIDER": "llamacpp"})
-    assert s.provider == "llamacpp" and s.model == "llama3.2"
+    assert s.llm.provider == "llamacpp" and s.llm.model == "llama3.2"
     # provider-dependent defaults follow the provider while the key is unset
-    assert s.base_url == "http://127.0.0.1:11435"
+    assert s.llm.base_url == "http://127.0.0.1:11435"
 
 
 def test_bad_env_value_is_refused(isolated_home: Paths) -> None:
@@ -65,12 +66,12 @@ def test_malformed_file_is_never_overwritten(isolated_home: Paths, content: str)
     isolated_home.home.mkdir(parents=True)
     isolated_home.config_file.write_bytes(content.encode())
     r = run_cli("config", "set", "llm.model", "llama3.2")
-    assert r.returncode == 1
+    assert r.returncode == 3  # a configuration error
     assert f"{isolated_home.config_file}:" in r.stderr  # file:line:column
     assert "Traceback" not in r.stderr
     assert isolated_home.config_file.read_bytes() == content.encode()
     r = run_cli("server")
-    assert r.returncode == 1 and "Malformed config file" in r.stderr
+    assert r.returncode == 3 and "Malformed config file" in r.stderr
     assert isolated_home.config_file.read_bytes() == content.encode()
 
 
@@ -98,13 +99,13 @@ def test_cli_get_set_list_path(isolated_home: Paths) -> None:
 
 def test_unknown_key_and_bad_values_list_what_is_valid(isolated_home: Paths) -> None:
     r = run_cli("config", "set", "llm.modle", "x")
-    assert r.returncode == 1 and "Unknown config key" in r.stderr and "llm.model" in r.stderr
+    assert r.returncode == 2 and "Unknown config key" in r.stderr and "llm.model" in r.stderr
     r = run_cli("config", "set", "llm.provider", "openai-ish")
-    assert r.returncode == 1 and "ollama, llamacpp" in r.stderr
+    assert r.returncode == 3 and "ollama, llamacpp" in r.stderr
     r = run_cli("config", "set", "llm.model", "bad name!")
-    assert r.returncode == 1 and "Invalid" in r.stderr
+    assert r.returncode == 3 and "Invalid" in r.stderr
     r = run_cli("config", "set", "llm.base_url", "ftp://x")
-    assert r.returncode == 1
+    assert r.returncode == 3
     r = run_cli("config", "set", "llm.runtime_version", "v0.33.0")
     assert r.returncode == 0 and run_cli("config", "get", "llm.runtime_version").stdout.strip() == "0.33.0"
     assert not isolated_home.config_file.read_text().count("openai-ish")
@@ -124,30 +125,29 @@ def test_every_key_and_env_var_is_documented_in_readme() -> None:
         assert f"`{key.env}`" in readme, key.env
 
 
-def test_parsed_config_cache_follows_every_edit(isolated_home: Paths) -> None:
+def test_every_edit_is_seen_even_same_size_with_mtime_restored(isolated_home: Paths) -> None:
     store.set_value(isolated_home, "llm.model", "llama3.2")
-    assert store.load(isolated_home, {}).model == "llama3.2"
-    cache = isolated_home.config_cache
-    assert cache.exists() and stat.S_IMODE(cache.stat().st_mode) == 0o600
-    assert store.load(isolated_home, {}).model == "llama3.2"  # served from the cache
-    # a hand edit in place (same inode) is seen at once
-    text = isolated_home.config_file.read_text().replace("llama3.2", "qwen2.5-coder:1.5b")
-    with isolated_home.config_file.open("w") as f:
+    assert store.load(isolated_home, {}).llm.model == "llama3.2"
+    path = isolated_home.config_file
+    st = path.stat()
+    text = path.read_text().replace("llama3.2", "llama3.3")  # same size
+    with path.open("w") as f:  # in place: same inode
         f.write(text)
-    assert store.load(isolated_home, {}).model == "qwen2.5-coder:1.5b"
-    isolated_home.config_file.write_text("backend: [broken\n")
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # and the old mtime put back
+    assert path.stat().st_size == st.st_size and path.stat().st_mtime_ns == st.st_mtime_ns
+    assert store.load(isolated_home, {}).llm.model == "llama3.3"
+    path.write_text("backend: [broken\n")
     with pytest.raises(StigmerError, match="Malformed"):
         store.load(isolated_home, {})
-    isolated_home.config_file.write_text("backend:\n  local:\n    llm:\n      offline_fallback: false\n")
-    assert store.load(isolated_home, {}).get("llm.offline_fallback") is False
-    assert store.load(isolated_home, {}).get("llm.offline_fallback") is False  # bool survives the cache
+    path.write_text("backend:\n  local:\n    llm:\n      offline_fallback: false\n")
+    assert store.load(isolated_home, {}).llm.offline_fallback is False
 
 
 def test_stigmer_home_that_is_a_file_is_a_clear_error(tmp_path: Path) -> None:
     not_a_dir = tmp_path / "file"
     not_a_dir.write_text("x")
     r = run_cli("server", env={"STIGMER_HOME": str(not_a_dir)})
-    assert r.returncode == 1 and "STIGMER_HOME" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 9 and "STIGMER_HOME" in r.stderr and "Traceback" not in r.stderr
     r = run_cli("--debug", "config", "set", "llm.model", "x", env={"STIGMER_HOME": str(not_a_dir)})
-    assert r.returncode == 1 and "Traceback" in r.stderr  # tracebacks only with --debug
+    assert r.returncode == 9 and "Traceback" in r.stderr  # tracebacks only with --debug
     assert not_a_dir.read_text() == "x"

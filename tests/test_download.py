@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from stigmer.errors import IntegrityError, NetworkUnreachable, StigmerError
+from stigmer.errors import ErrorCode, IntegrityError, NetworkUnreachable, StigmerError
 from stigmer.net import download as dl
 from tests.doubles.release_server import ReleaseServer
 
@@ -110,7 +110,7 @@ def test_disk_space_shortfall_names_need_and_free(
     monkeypatch.setattr(dl, "free_bytes", lambda folder: 5_000_000)
     with pytest.raises(StigmerError) as e:
         dl.download(url, tmp_path / "out.bin", sha256=sha(data), what="blob")
-    assert e.value.code == "disk_full"
+    assert e.value.code is ErrorCode.DISK_FULL
     assert "need 1.0 MB" in e.value.message and "free 5.0 MB" in e.value.message
     part = dl.partial_path(tmp_path / "out.bin")
     assert not part.exists() or part.stat().st_size == 0  # nothing written to the full disk

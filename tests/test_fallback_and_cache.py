@@ -9,7 +9,7 @@ import pytest
 
 from stigmer.llm.llamacpp.starter import starter_model_path
 from stigmer.paths import Paths
-from stigmer.proc import record as records
+from stigmer.services import record as records
 from tests.conftest import run_cli
 from tests.doubles.archives import build_release, free_port
 from tests.doubles.release_server import ReleaseServer
@@ -37,7 +37,7 @@ def test_unreachable_release_server_falls_back_to_builtin_engine(isolated_home: 
     assert "smollm2:135m (98.4 MB)" in out  # what is served instead, and how small
     assert "qwen2.5-coder:7b" in out  # the configured one, and how to get it
     assert "✓ Ready!" in out and "Local (built-in engine) ✓ Running" in out
-    rec = records.read(isolated_home.llm_pid)
+    rec = records.read(isolated_home.pid_file("llm"))
     assert rec is not None and rec.info["provider"] == "llamacpp" and rec.info["fallback"]
 
     st = run_cli("server", "llm", "status", env=env)
@@ -53,20 +53,21 @@ def test_unreachable_release_server_falls_back_to_builtin_engine(isolated_home: 
     assert r2.returncode == 0, r2.stderr
     assert "Offline fallback" not in r2.stdout and "Provider: Local ✓ Running" in r2.stdout
     assert not records.is_ours(rec)  # the fallback engine was stopped
-    assert records.read(isolated_home.llm_pid).info["provider"] == "ollama"
+    assert records.read(isolated_home.pid_file("llm")).info["provider"] == "ollama"
 
 
 def test_fallback_off_keeps_the_download_error(isolated_home: Paths) -> None:
     r = run_cli("server", env=offline_env(STIGMER_LLM_OFFLINE_FALLBACK="false"))
-    assert r.returncode == 1
+    assert r.returncode == 4  # a network error
     err = r.stderr
     assert "Failed to download local LLM: connection refused" in err
     assert "1. Check your internet connection" in err
-    assert "2. Install the runtime manually" in err and ".stigmer" in err or "stigmer-home/bin/ollama" in err
-    assert "3. Use Cloud mode instead: stigmer config set backend.type cloud" in err
+    assert "2. Use the built-in engine" in err and "stigmer config set llm.provider llamacpp" in err
     assert "stigmer config set llm.download_url" in err  # the mirror setting
+    assert "4. Install the runtime by hand" in err and str(isolated_home.bin_dir / "ollama") in err
+    assert "Cloud mode" not in err and "backend.type cloud" not in err  # it offers no local server
     assert "Traceback" not in err
-    assert not isolated_home.llm_pid.exists()
+    assert not isolated_home.pid_file("llm").exists()
 
 
 def test_checksum_failure_never_falls_back(isolated_home: Paths, tmp_path: Path) -> None:
@@ -74,8 +75,8 @@ def test_checksum_failure_never_falls_back(isolated_home: Paths, tmp_path: Path)
     build_release(root, "0.33.0", platforms=("linux-amd64",), tamper={"ollama-linux-amd64.tar.zst"})
     with ReleaseServer(root, latest="0.33.0") as srv:
         r = run_cli("server", env=offline_env(STIGMER_LLM_DOWNLOAD_URL=srv.url))
-    assert r.returncode == 1 and "Checksum mismatch" in r.stderr
-    assert "Offline fallback" not in r.stdout and not isolated_home.llm_pid.exists()
+    assert r.returncode == 5 and "Checksum mismatch" in r.stderr
+    assert "Offline fallback" not in r.stdout and not isolated_home.pid_file("llm").exists()
 
 
 def make_ollama_store(root: Path, name: str, tag: str, gguf: Path) -> str:

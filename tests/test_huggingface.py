@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from stigmer.errors import IntegrityError, NetworkUnreachable, StigmerError
+from stigmer.errors import ErrorCode, IntegrityError, NetworkUnreachable, StigmerError
+from stigmer.events import INSTALLING, Event
 from stigmer.llm.llamacpp import sources
 from stigmer.llm.llamacpp.huggingface import HfFile, choose_gguf, pull_from_hf
 from stigmer.llm.llamacpp.store import ModelStore, StoredModel
 from stigmer.llm.names import parse_model_name
-from stigmer.llm.provider import INSTALLING, Event
 from stigmer.paths import Paths
 from tests.conftest import run_cli
 from tests.doubles.archives import free_port
@@ -138,10 +138,10 @@ def test_choice_rules() -> None:
 def test_choice_errors() -> None:
     with pytest.raises(StigmerError) as e:
         choose_gguf(_files("README.md", "model.safetensors"), None, "hf.co/o/r")
-    assert e.value.code == "model_not_found" and "no GGUF" in e.value.message
+    assert e.value.code is ErrorCode.MODEL_NOT_FOUND and "no GGUF" in e.value.message
     with pytest.raises(StigmerError) as e:
         choose_gguf(_files("m-Q8_0.gguf", "m-Q4_K_M.gguf"), "Q5_K_S", "hf.co/o/r")
-    assert e.value.code == "model_not_found" and "Q5_K_S" in e.value.message
+    assert e.value.code is ErrorCode.MODEL_NOT_FOUND and "Q5_K_S" in e.value.message
     assert "Available: Q4_K_M, Q8_0" in e.value.hint
     with pytest.raises(StigmerError) as e:
         choose_gguf(
@@ -149,7 +149,7 @@ def test_choice_errors() -> None:
             "Q4_K_M",
             "hf.co/o/r",
         )
-    assert e.value.code == "model_unsupported" and "split into 3 files" in e.value.message
+    assert e.value.code is ErrorCode.UNSUPPORTED and "split into 3 files" in e.value.message
     assert "Q8_0" in e.value.hint
 
 
@@ -198,7 +198,7 @@ def test_smallest_without_preferred_quants(
 def test_quant_not_found_lists_available(hub: FakeHub, store: ModelStore) -> None:
     with pytest.raises(StigmerError) as e:
         pull(f"hf.co/{DEFAULT_REPO}:Q5_K_M", store)
-    assert e.value.code == "model_not_found"
+    assert e.value.code is ErrorCode.MODEL_NOT_FOUND
     assert "Q5_K_M" in e.value.message and "Q4_K_M, Q8_0" in e.value.hint
     assert not hub.cdn_gets() and store.list() == []
 
@@ -213,7 +213,7 @@ def test_quant_not_found_lists_available(hub: FakeHub, store: ModelStore) -> Non
 def test_unknown_repo_or_no_gguf(hub: FakeHub, store: ModelStore, name: str, words: str) -> None:
     with pytest.raises(StigmerError) as e:
         pull(name, store)
-    assert e.value.code == "model_not_found" and words in e.value.message
+    assert e.value.code is ErrorCode.MODEL_NOT_FOUND and words in e.value.message
     assert e.value.hint
     assert not hub.cdn_gets()
 
@@ -221,13 +221,13 @@ def test_unknown_repo_or_no_gguf(hub: FakeHub, store: ModelStore, name: str, wor
 def test_split_gguf_refused(hub: FakeHub, store: ModelStore) -> None:
     with pytest.raises(StigmerError) as e:
         pull("hf.co/tiny-org/Split-GGUF:Q4_K_M", store)
-    assert e.value.code == "model_unsupported" and "split into 2 files" in e.value.message
+    assert e.value.code is ErrorCode.UNSUPPORTED and "split into 2 files" in e.value.message
 
 
 def test_gated_without_token(hub: FakeHub, store: ModelStore) -> None:
     with pytest.raises(StigmerError) as e:
         pull("hf.co/tiny-org/Gated-GGUF", store)
-    assert e.value.code == "model_not_found" and "gated" in e.value.message
+    assert e.value.code is ErrorCode.MODEL_NOT_FOUND and "gated" in e.value.message
     assert "HF_TOKEN" in e.value.hint and "huggingface.co/tiny-org/Gated-GGUF" in e.value.hint
     assert not hub.cdn_gets()
 
@@ -294,7 +294,7 @@ def test_offline_without_cache_is_a_clear_error(
     with pytest.raises(NetworkUnreachable) as e:
         pull(f"hf.co/{DEFAULT_REPO}:Q4_K_M", store)
     assert "HF_HUB_OFFLINE" in e.value.message and "not in the Hugging Face cache" in e.value.message
-    assert e.value.code == "hf_offline"
+    assert e.value.code is ErrorCode.HF_OFFLINE
     assert hub.requests == []
     # the repo is cached, the quant is not: the error says what is
     monkeypatch.delenv("HF_HUB_OFFLINE")
@@ -310,7 +310,7 @@ def test_checksum_mismatch_is_not_registered(hub: FakeHub, hf_home: Path, store:
     hub.corrupt.add(f.sha256)
     with pytest.raises(IntegrityError) as e:
         pull("hf.co/tiny-org/Small-GGUF:Q4_0", store)
-    assert e.value.code == "checksum_mismatch" and f.sha256 in e.value.message
+    assert e.value.code is ErrorCode.CHECKSUM_MISMATCH and f.sha256 in e.value.message
     assert store.list() == []
     blobs = hf_home / "hub" / "models--tiny-org--Small-GGUF" / "blobs"
     assert not (blobs / f.sha256).exists()  # dropped from the cache too, so a retry downloads again
@@ -322,7 +322,7 @@ def test_unreachable_hub(hf_home: Path, store: ModelStore, monkeypatch: pytest.M
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")
     with pytest.raises(NetworkUnreachable) as e:
         pull(f"hf.co/{DEFAULT_REPO}:Q4_K_M", store)
-    assert e.value.code == "network_unreachable" and "connection refused" in e.value.message
+    assert e.value.code is ErrorCode.NETWORK_UNREACHABLE and "connection refused" in e.value.message
 
 
 def test_disk_checked_before_downloading(
@@ -331,7 +331,7 @@ def test_disk_checked_before_downloading(
     monkeypatch.setattr("stigmer.net.download.free_bytes", lambda _folder: 1000)
     with pytest.raises(StigmerError) as e:
         pull(f"hf.co/{DEFAULT_REPO}:Q4_K_M", store)
-    assert e.value.code == "disk_full" and "HF_HOME" in e.value.hint
+    assert e.value.code is ErrorCode.DISK_FULL and "HF_HOME" in e.value.hint
     assert not hub.cdn_gets()
 
 
@@ -341,7 +341,7 @@ def test_cli_pull_then_list(hub: FakeHub, hf_home: Path) -> None:
     r = run_cli("server", "llm", "pull", f"hf.co/{DEFAULT_REPO}:Q4_K_M", env=env, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
     assert f"Model hf.co/{DEFAULT_REPO}:Q4_K_M is ready" in r.stdout
-    assert "Tiny-Q4_K_M.gguf" in r.stdout  # progress lines
+    assert "Tiny-Q4_K_M.gguf" in r.stderr  # progress lines
     ls = run_cli("server", "llm", "list", "--json", env=env, timeout=60)
     assert ls.returncode == 0, ls.stderr
     entry = next(m for m in json.loads(ls.stdout) if m["name"] == f"hf.co/{DEFAULT_REPO}:Q4_K_M")

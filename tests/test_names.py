@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from stigmer.errors import StigmerError
+from stigmer.errors import ErrorCode, StigmerError
 from stigmer.llm.names import parse_model_name, same_model
 
 
@@ -44,7 +44,7 @@ def test_different_models() -> None:
 def test_invalid_names_refused(bad: str) -> None:
     with pytest.raises(StigmerError) as e:
         parse_model_name(bad)
-    assert e.value.code == "invalid_model_name"
+    assert e.value.code is ErrorCode.INVALID_MODEL_NAME and e.value.exit_code == 2
 
 
 def test_host_with_port_and_hf() -> None:

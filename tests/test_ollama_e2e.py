@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from stigmer.paths import Paths
-from stigmer.proc import record as records
+from stigmer.services import record as records
 from tests.conftest import run_cli
 from tests.doubles.archives import build_malicious, build_release, free_port
 from tests.doubles.release_server import ReleaseServer
@@ -39,7 +39,7 @@ def env_for(srv: ReleaseServer | None, **extra: str) -> dict[str, str]:
     env = {
         "STIGMER_LLM_DOWNLOAD_URL": srv.url if srv else f"http://127.0.0.1:{free_port()}",
         "STIGMER_LLM_BASE_URL": f"http://127.0.0.1:{free_port()}",
-        "FAKE_OLLAMA_PULL_DELAY": "0.001",
+        "OLLAMA_FAKE_PULL_DELAY": "0.001",
     }
     env.update(extra)
     return env
@@ -52,9 +52,9 @@ def downloads(srv: ReleaseServer) -> list[str]:
 def test_first_run_second_run_stop(isolated_home: Paths, releases: ReleaseServer) -> None:
     # proxies in the environment: downloads from loopback bypass them, the runtime must receive them
     env = env_for(releases, HTTPS_PROXY="http://proxy.invalid:3128", NO_PROXY="localhost,127.0.0.1")
-    r = run_cli("server", env=env)
-    assert r.returncode == 0, r.stderr
-    out = r.stdout
+    r = run_cli("server", env=env, merged=True)
+    assert r.returncode == 0, r.stdout
+    out = r.stdout  # progress and notices (stderr) interleaved with the result (stdout)
     assert "✓ First-time setup" in out
     for phase in (
         "Initializing: Setting up local LLM",
@@ -80,7 +80,7 @@ def test_first_run_second_run_stop(isolated_home: Paths, releases: ReleaseServer
     assert (isolated_home.runtime_dir / "ollama" / f"v{VERSION}" / "lib" / "ollama").is_dir()
     assert f"/download/v{VERSION}/{ASSET}" in downloads(releases)
 
-    rec = records.read(isolated_home.llm_pid)
+    rec = records.read(isolated_home.pid_file("llm"))
     assert rec is not None and records.is_ours(rec)
     proc = psutil.Process(rec.pid)
     port = env["STIGMER_LLM_BASE_URL"].rsplit(":", 1)[1]
@@ -88,7 +88,7 @@ def test_first_run_second_run_stop(isolated_home: Paths, releases: ReleaseServer
     assert child_env["OLLAMA_HOST"] == f"127.0.0.1:{port}"
     assert child_env["HTTPS_PROXY"] == "http://proxy.invalid:3128" and child_env["NO_PROXY"]
     assert os.getsid(rec.pid) == rec.pid  # its own session: detached from the CLI
-    assert isolated_home.llm_log.read_text().strip()
+    assert isolated_home.log_file("llm").read_text().strip()
 
     # second run: nothing downloaded, done in under a second
     releases.reset_stats()
@@ -99,7 +99,7 @@ def test_first_run_second_run_stop(isolated_home: Paths, releases: ReleaseServer
     assert releases.requests == []
     assert "Downloading" not in r2.stdout and "✓ Ready!" in r2.stdout
     assert elapsed < 1.0, elapsed
-    assert records.read(isolated_home.llm_pid).pid == rec.pid
+    assert records.read(isolated_home.pid_file("llm")).pid == rec.pid
 
     r3 = run_cli("server", "stop", env=env)
     assert r3.returncode == 0 and f"PID {rec.pid}" in r3.stdout
@@ -113,14 +113,14 @@ def test_llm_list_pull_rm_status(isolated_home: Paths, releases: ReleaseServer) 
     st = run_cli("server", "llm", "status", env=env)
     assert st.returncode == 0 and "Provider: Local ✗ Not Running" in st.stdout
     assert "(will be downloaded on first use)" in st.stdout
-    assert run_cli("server", "llm", "list", env=env).returncode == 1  # nothing running yet
+    assert run_cli("server", "llm", "list", env=env).returncode == 8  # nothing running yet
     assert run_cli("server", env=env).returncode == 0
 
     pull = run_cli("server", "llm", "pull", "llama3.2", env=env)
     assert pull.returncode == 0, pull.stderr
     assert "✓ Model llama3.2 is ready" in pull.stdout
     assert "stigmer config set llm.model llama3.2" in pull.stdout
-    assert "Downloading model llama3.2:latest: layer" in pull.stdout
+    assert "Downloading model llama3.2:latest: layer" in pull.stderr
 
     ls = run_cli("server", "llm", "list", env=env)
     assert "qwen2.5-coder:7b (current)" in ls.stdout and "llama3.2:latest" in ls.stdout
@@ -130,7 +130,7 @@ def test_llm_list_pull_rm_status(isolated_home: Paths, releases: ReleaseServer) 
     assert all(m["size"] > 0 and m["modified"] for m in data)
 
     st = json.loads(run_cli("server", "llm", "status", "--json", env=env).stdout)
-    assert st["running"] is True and st["pid"] == records.read(isolated_home.llm_pid).pid
+    assert st["running"] is True and st["pid"] == records.read(isolated_home.pid_file("llm")).pid
     assert set(st["available"]) == {"qwen2.5-coder:7b", "llama3.2:latest"} and st["model_available"]
     text = run_cli("server", "llm", "status", env=env).stdout
     assert "Available: " in text and "PID:" in text
@@ -139,17 +139,20 @@ def test_llm_list_pull_rm_status(isolated_home: Paths, releases: ReleaseServer) 
     assert rm.returncode == 0, rm.stderr
     assert "llama3.2" not in run_cli("server", "llm", "list", env=env).stdout
     rm = run_cli("server", "llm", "rm", "llama3.2", env=env)
-    assert rm.returncode == 1 and "not installed" in rm.stderr
+    assert rm.returncode == 6 and "not installed" in rm.stderr
 
     unknown = run_cli("server", "llm", "pull", "no-such-model:1b", env=env)
-    assert unknown.returncode == 1 and "not found" in unknown.stderr and "Traceback" not in unknown.stderr
+    assert unknown.returncode == 6 and "not found" in unknown.stderr and "Traceback" not in unknown.stderr
 
 
 @pytest.mark.parametrize("bad", ["bad name", "../../etc/passwd", "-rf", "x:"])
 def test_invalid_model_names_refused_before_any_request(isolated_home: Paths, bad: str) -> None:
     env = env_for(None)  # nothing listens anywhere: a request would fail differently
     r = run_cli("server", "llm", "pull", bad, env=env)
-    assert r.returncode != 0 and "Invalid model name" in r.stderr or "usage" in r.stderr
+    if bad.startswith("-"):  # taken for an option: a usage error before anything runs
+        assert r.returncode == 2 and "usage:" in r.stderr
+    else:
+        assert r.returncode == 2 and "Invalid model name" in r.stderr
     r = run_cli("server", env={**env, "STIGMER_LLM_MODEL": bad})
     assert r.returncode != 0 and "Traceback" not in r.stderr
 
@@ -159,8 +162,8 @@ def test_pull_stream_error_is_reported(isolated_home: Paths, releases: ReleaseSe
     assert run_cli("server", env=env).returncode == 0
     run_cli("server", "stop", env=env)
     err = "digest mismatch, file must be downloaded again: want sha256:aa, got sha256:bb"
-    r = run_cli("server", env={**env, "STIGMER_LLM_MODEL": "llama3.2", "FAKE_OLLAMA_PULL_ERROR": err})
-    assert r.returncode == 1
+    r = run_cli("server", env={**env, "STIGMER_LLM_MODEL": "llama3.2", "OLLAMA_FAKE_PULL_ERROR": err})
+    assert r.returncode == 5  # an integrity error
     assert "did not match its checksum" in r.stderr and "✓ Ready!" not in r.stdout
 
 
@@ -169,7 +172,7 @@ def test_tampered_archive_installs_nothing(isolated_home: Paths, tmp_path: Path)
     build_release(root, VERSION, platforms=("linux-amd64",), tamper={ASSET})
     with ReleaseServer(root, latest=VERSION) as srv:
         r = run_cli("server", env=env_for(srv))
-    assert r.returncode == 1
+    assert r.returncode == 5
     assert "Checksum mismatch" in r.stderr and "Traceback" not in r.stderr
     assert not (isolated_home.bin_dir / "ollama").exists()
     assert not (isolated_home.runtime_dir / "ollama" / f"v{VERSION}").exists()
@@ -183,7 +186,7 @@ def test_missing_checksum_installs_nothing(isolated_home: Paths, tmp_path: Path)
     with ReleaseServer(root, latest=VERSION) as srv:
         r = run_cli("server", env=env_for(srv))
         assert not [p for p in downloads(srv) if p.endswith(ASSET)]  # not even downloaded
-    assert r.returncode == 1 and "no checksum" in r.stderr
+    assert r.returncode == 5 and "no checksum" in r.stderr
     assert not (isolated_home.bin_dir / "ollama").exists()
 
 
@@ -194,7 +197,7 @@ def test_hostile_archive_is_refused(isolated_home: Paths, tmp_path: Path, kind: 
     before = set(tmp_path.rglob("*"))
     with ReleaseServer(root, latest=VERSION) as srv:
         r = run_cli("server", env=env_for(srv))
-    assert r.returncode == 1 and "Refused to unpack" in r.stderr, r.stderr
+    assert r.returncode == 5 and "Refused to unpack" in r.stderr, r.stderr
     assert not (isolated_home.bin_dir / "ollama").exists()
     assert not any(p.name.startswith(".staging") for p in (isolated_home.runtime_dir / "ollama").iterdir())
     home = isolated_home.home
@@ -223,7 +226,7 @@ def test_upgrade_failure_keeps_previous_runtime(isolated_home: Paths, tmp_path: 
         assert run_cli("server", env=env).returncode == 0
         assert run_cli("server", "stop", env=env).returncode == 0
         r = run_cli("server", env={**env, "STIGMER_LLM_RUNTIME_VERSION": "0.34.0"})
-        assert r.returncode == 1 and "Checksum mismatch" in r.stderr
+        assert r.returncode == 5 and "Checksum mismatch" in r.stderr
         assert (isolated_home.runtime_dir / "ollama" / "current").resolve().name == f"v{VERSION}"
         assert (isolated_home.bin_dir / "ollama").exists()
         assert run_cli("server", env=env).returncode == 0  # the previous runtime still works
@@ -247,7 +250,7 @@ def test_port_taken_by_non_ollama_server(isolated_home: Paths, releases: Release
             except OSError:
                 time.sleep(0.05)
         r = run_cli("server", env=env_for(releases, STIGMER_LLM_BASE_URL=f"http://127.0.0.1:{port}"))
-        assert r.returncode == 1
+        assert r.returncode == 7  # in the way
         assert f"Port {port}" in r.stderr and "HTTP 404" in r.stderr
         assert other.poll() is None  # nothing killed
         assert releases.requests == []  # and nothing downloaded
@@ -257,12 +260,12 @@ def test_port_taken_by_non_ollama_server(isolated_home: Paths, releases: Release
 
 
 def test_runtime_that_exits_at_once(isolated_home: Paths, releases: ReleaseServer) -> None:
-    r = run_cli("server", env=env_for(releases, FAKE_OLLAMA_EXIT_AT_ONCE="1"))
-    assert r.returncode == 1
+    r = run_cli("server", env=env_for(releases, OLLAMA_FAKE_EXIT_AT_ONCE="1"))
+    assert r.returncode == 8  # a service failed
     assert "exited during start-up" in r.stderr
-    assert str(isolated_home.llm_log) in r.stderr
+    assert str(isolated_home.log_file("llm")) in r.stderr
     assert "Last lines of" in r.stderr and "Error" in r.stderr.split("Last lines of", 1)[1]
-    assert not isolated_home.llm_pid.exists()
+    assert not isolated_home.pid_file("llm").exists()
 
 
 def test_pid_file_naming_unrelated_process_is_never_signalled(
@@ -279,18 +282,18 @@ def test_pid_file_naming_unrelated_process_is_never_signalled(
             "llm",
             {"provider": "ollama"},
         )
-        records.write(isolated_home.llm_pid, fake)
+        records.write(isolated_home.pid_file("llm"), fake)
         env = env_for(releases)
         assert "✗ Not Running" in run_cli("server", "llm", "status", env=env).stdout
         assert run_cli("server", "stop", env=env).returncode == 0
         assert stranger.poll() is None
         # an old-style bare pid file is not trusted either
-        isolated_home.llm_pid.write_text(f"{stranger.pid}\n")
+        isolated_home.pid_file("llm").write_text(f"{stranger.pid}\n")
         assert run_cli("server", "stop", env=env).returncode == 0
         assert stranger.poll() is None
         # and a start replaces the stale record with its own server
         assert run_cli("server", env=env).returncode == 0
-        assert records.read(isolated_home.llm_pid).pid != stranger.pid
+        assert records.read(isolated_home.pid_file("llm")).pid != stranger.pid
         assert stranger.poll() is None
     finally:
         stranger.kill()

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from stigmer.llm.client import ChatClient
+from stigmer.llm.endpoint import OpenAICompatible
 from stigmer.llm.llamacpp.starter import starter_model_path
 from stigmer.paths import Paths
 from tests.conftest import run_cli
@@ -34,7 +34,7 @@ def test_pull_from_registry_then_serve(isolated_home: Paths) -> None:
         assert "stigmer config set llm.model tiny-coder:q4" in r.stdout
         assert SIGNATURE not in r.stdout + r.stderr  # the CDN's signed URL never shown
         missing = run_cli("server", "llm", "pull", "no-such:1b", env=env)
-        assert missing.returncode == 1 and "not found" in missing.stderr
+        assert missing.returncode == 6 and "not found" in missing.stderr
 
     # served afterwards with no registry at all
     env["STIGMER_LLM_MODEL"] = "tiny-coder:q4"
@@ -43,5 +43,6 @@ def test_pull_from_registry_then_serve(isolated_home: Paths) -> None:
     assert "Model:    tiny-coder:q4" in r.stdout
     listed = {m["name"]: m for m in json.loads(run_cli("server", "llm", "list", "--json", env=env).stdout)}
     assert listed["tiny-coder:q4"]["source"] == "registry" and listed["tiny-coder:q4"]["current"]
-    answer = ChatClient(base, "tiny-coder:q4").chat([{"role": "user", "content": "Hi"}], max_tokens=8)
+    client = OpenAICompatible(base + "/v1", "tiny-coder:q4")
+    answer = client.chat([{"role": "user", "content": "Hi"}], max_tokens=8)
     assert answer.strip()

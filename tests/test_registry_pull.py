@@ -21,12 +21,12 @@ from typing import Any
 
 import pytest
 
-from stigmer.errors import IntegrityError, NetworkUnreachable, StigmerError
+from stigmer.errors import ErrorCode, IntegrityError, NetworkUnreachable, StigmerError
+from stigmer.events import INSTALLING, Event
 from stigmer.llm.llamacpp import registry
 from stigmer.llm.llamacpp.registry import pull_from_registry, registry_base
 from stigmer.llm.llamacpp.store import ModelStore, StoredModel
 from stigmer.llm.names import parse_model_name
-from stigmer.llm.provider import INSTALLING, Event
 from stigmer.net import download, parts
 from stigmer.net.download import human_bytes, partial_path
 from stigmer.net.parts import download_parts, plan, record_path
@@ -374,7 +374,7 @@ def test_digest_mismatch_deletes_everything(starter: Callable[..., FakeRegistry]
         pull(reg)
     hexd = digest.removeprefix("sha256:")
     assert f"expected sha256 {hexd}, got " in err.value.message
-    assert err.value.code == "checksum_mismatch"
+    assert err.value.code is ErrorCode.CHECKSUM_MISMATCH
     assert pull.store.get(NAME) is None and pull.store.list() == []
     assert not pull.store.blobs.exists() or list(pull.store.blobs.iterdir()) == []
     assert pull.leftovers() == []  # partial and part record deleted
@@ -384,7 +384,7 @@ def test_unknown_model_is_model_not_found(starter: Callable[..., FakeRegistry], 
     reg = starter()
     with pytest.raises(StigmerError) as err:
         pull(reg, "nosuchmodel:7b")
-    assert err.value.code == "model_not_found"
+    assert err.value.code is ErrorCode.MODEL_NOT_FOUND
     assert "Model nosuchmodel:7b was not found in the model registry" in err.value.message
     assert "name" in err.value.hint
     assert reg.cdn_log == []
@@ -398,7 +398,7 @@ def test_not_enough_disk_names_both_numbers_and_fetches_nothing(
     with pytest.raises(StigmerError) as err:
         pull(reg)
     need = gguf.stat().st_size + len(TEMPLATE) + len(json.dumps(PARAMS))
-    assert err.value.code == "disk_full"
+    assert err.value.code is ErrorCode.DISK_FULL
     assert f"need {human_bytes(need)}" in err.value.message and f"free {human_bytes(50_000_000)}" in (
         err.value.message
     )
@@ -426,7 +426,7 @@ def test_the_signed_query_never_reaches_logs_or_errors(
             size=10 * MIB,
             what="blob",
         )
-    assert err.value.code == "download_http_error"
+    assert err.value.code is ErrorCode.DOWNLOAD_HTTP_ERROR
     text += str(err.value) + repr(err.value.args)
     assert reg.cdn_url.split("//")[1] in caplog.text  # the CDN was logged, without its query
     assert SIGNATURE not in text and "X-Amz" not in text
@@ -441,7 +441,7 @@ def test_a_second_process_on_the_same_download_is_refused(tmp_path: Path) -> Non
         fcntl.flock(held.fileno(), fcntl.LOCK_EX)
         with pytest.raises(StigmerError) as err:
             download_parts("http://127.0.0.1:9/x", dest, sha256="0" * 64, size=10, what="blob")
-    assert err.value.code == "download_busy"
+    assert err.value.code is ErrorCode.BUSY
 
 
 # --- pure functions ---------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import subprocess
 import time
 
 from stigmer.cli.render import Out, Progress
-from stigmer.llm.provider import INSTALLING, Event
+from stigmer.events import INSTALLING, Event
 from tests.conftest import stigmer_exe
 
 
@@ -64,7 +64,7 @@ def _run_in_pty(args: list[str], env: dict[str, str], timeout: float = 60) -> st
 
 
 def test_terminal_gets_live_bar_and_colour(isolated_home, tmp_path) -> None:
-    from stigmer.llm.provider import stop_managed
+    from stigmer.llm.provider import stop_llm
     from tests.doubles.archives import build_release, free_port
     from tests.doubles.release_server import ReleaseServer
 
@@ -77,7 +77,7 @@ def test_terminal_gets_live_bar_and_colour(isolated_home, tmp_path) -> None:
                 {
                     "STIGMER_LLM_DOWNLOAD_URL": srv.url,
                     "STIGMER_LLM_BASE_URL": f"http://127.0.0.1:{free_port()}",
-                    "FAKE_OLLAMA_PULL_DELAY": "0.001",
+                    "OLLAMA_FAKE_PULL_DELAY": "0.001",
                     "TERM": "xterm",
                     "COLUMNS": "120",
                 }
@@ -90,4 +90,4 @@ def test_terminal_gets_live_bar_and_colour(isolated_home, tmp_path) -> None:
         plain = _run_in_pty(["server", "llm", "status"], {**env, "NO_COLOR": "1"})
         assert "✓ Running" in plain and "\x1b[32m" not in plain
     finally:
-        stop_managed(isolated_home)
+        stop_llm(isolated_home)

@@ -14,8 +14,8 @@ import pytest
 from stigmer import archive
 from stigmer.llm.ollama import assets
 from stigmer.llm.ollama.assets import Platform
-from stigmer.proc import record as records
-from stigmer.proc import spawn
+from stigmer.services import record as records
+from stigmer.services import spawn
 
 
 @pytest.mark.parametrize(
@@ -106,16 +106,21 @@ def test_tar_absolute_refused(tmp_path: Path) -> None:
 
 
 def test_pid_record_identity_and_zombie(tmp_path: Path) -> None:
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    argv = [sys.executable, "-c", "import time; time.sleep(30)"]
+    child = subprocess.Popen(argv)
     try:
-        rec = records.ProcessRecord(child.pid, psutil.Process(child.pid).create_time(), ["x"], "llm")
+        rec = records.ProcessRecord(child.pid, psutil.Process(child.pid).create_time(), argv, "llm")
         records.write(tmp_path / "p.pid", rec)
         assert (tmp_path / "p.pid").read_text().splitlines()[0] == str(child.pid)
         back = records.read(tmp_path / "p.pid")
         assert back == rec and records.is_ours(back)
-        stranger = records.ProcessRecord(child.pid, rec.create_time + 5, ["x"], "llm")
+        stranger = records.ProcessRecord(child.pid, rec.create_time + 5, argv, "llm")
         assert not records.is_ours(stranger)
         assert spawn.stop(stranger) is False and child.poll() is None  # never signalled
+        # Same pid and start time but another command line: a stranger too (the record keeps argv).
+        other = records.ProcessRecord(child.pid, rec.create_time, [sys.executable, "-m", "other"], "llm")
+        assert not records.is_ours(other)
+        assert spawn.stop(other) is False and child.poll() is None
         child.kill()
         # not reaped yet: a zombie, which kill -0 would call alive
         import time

@@ -11,7 +11,7 @@ import tarfile
 import zipfile
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
-from stigmer.errors import StigmerError
+from stigmer.errors import ErrorCode, StigmerError
 
 
 class UnsafeArchive(StigmerError):
@@ -23,7 +23,7 @@ def _unsafe(archive: Path, why: str) -> UnsafeArchive:
         f"Refused to unpack {archive.name}: {why}.",
         hint="The archive tries to write outside its folder. Nothing was installed; check your mirror "
         "(llm.download_url).",
-        code="unsafe_archive",
+        code=ErrorCode.UNSAFE_ARCHIVE,
     )
 
 
@@ -47,18 +47,18 @@ def extract(archive: Path, target: Path) -> None:
         elif name.endswith(".zip"):
             _extract_zip(archive, target)
         else:
-            raise StigmerError(f"Unknown archive type: {archive.name}", code="unsafe_archive")
+            raise StigmerError(f"Unknown archive type: {archive.name}", code=ErrorCode.UNSAFE_ARCHIVE)
     except (tarfile.TarError, zipfile.BadZipFile, EOFError) as e:
         raise StigmerError(
             f"The archive {archive.name} is damaged: {e}.",
-            code="archive_damaged",
+            code=ErrorCode.ARCHIVE_DAMAGED,
             hint="Nothing was installed. Run the command again to download it anew.",
         ) from e
     except OSError as e:
         if "zstd" in type(e).__module__ or "zstd" in str(e).lower():
             raise StigmerError(
                 f"The archive {archive.name} is damaged: {e}.",
-                code="archive_damaged",
+                code=ErrorCode.ARCHIVE_DAMAGED,
                 hint="Nothing was installed. Run the command again.",
             ) from e
         raise

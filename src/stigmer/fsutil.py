@@ -7,8 +7,10 @@ import os
 import tempfile
 from pathlib import Path
 
+PRIVATE_FILE = 0o600  # what we write under STIGMER_HOME is the user's alone (keys, tokens, logs)
 
-def atomic_write(path: Path, data: bytes, *, mode: int = 0o644) -> None:
+
+def atomic_write(path: Path, data: bytes, *, mode: int = PRIVATE_FILE) -> None:
     """Write to a temp file in the same folder, fsync, then rename over the target."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -25,14 +27,22 @@ def atomic_write(path: Path, data: bytes, *, mode: int = 0o644) -> None:
         raise
 
 
+TAIL_BLOCK = 64 * 1024
+
+
 def tail(path: Path, lines: int = 20) -> list[str]:
-    """Last lines of a (log) file, or nothing when it does not exist."""
+    """The last `lines` lines of a (log) file, read backwards block by block; none when it does not exist."""
+    if lines <= 0:
+        return []
     try:
         with path.open("rb") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(0, size - 64 * 1024))
-            data = f.read()
+            end = f.seek(0, os.SEEK_END)
+            data = b""
+            while end > 0 and data.count(b"\n") <= lines:
+                start = max(0, end - TAIL_BLOCK)
+                f.seek(start)
+                data = f.read(end - start) + data
+                end = start
     except OSError:
         return []
     return data.decode("utf-8", "replace").splitlines()[-lines:]

@@ -7,13 +7,13 @@ the REST API, the model-name rules and the on-disk store (`manifests/HOST/NS/MOD
 `blobs/sha256-HEX`), so a store it writes is a real Ollama store and vice versa.
 
 Environment knobs (besides OLLAMA_HOST, OLLAMA_MODELS, OLLAMA_NOPRUNE):
-  FAKE_OLLAMA_CATALOG      path to JSON {"name:tag": {"model_size": N, ...}}; replaces the built-in catalog
-  FAKE_OLLAMA_PULL_DELAY   seconds slept per progress step of a pull (default 0.02)
-  FAKE_OLLAMA_PULL_ERROR   message: every pull streams some progress, then {"error": message}, writes nothing
-  FAKE_OLLAMA_EXIT_AT_ONCE "1" (or a message): `serve` prints an error and exits 1 before binding
-  FAKE_OLLAMA_START_DELAY  seconds slept before binding
-  FAKE_OLLAMA_READY_DELAY  seconds after "Listening on" during which requests wait (GPU discovery)
-  FAKE_OLLAMA_REPLY        text of the canned answer of /api/generate, /api/chat, /v1/chat/completions
+  OLLAMA_FAKE_CATALOG      path to JSON {"name:tag": {"model_size": N, ...}}; replaces the built-in catalog
+  OLLAMA_FAKE_PULL_DELAY   seconds slept per progress step of a pull (default 0.02)
+  OLLAMA_FAKE_PULL_ERROR   message: every pull streams some progress, then {"error": message}, writes nothing
+  OLLAMA_FAKE_EXIT_AT_ONCE "1" (or a message): `serve` prints an error and exits 1 before binding
+  OLLAMA_FAKE_START_DELAY  seconds slept before binding
+  OLLAMA_FAKE_READY_DELAY  seconds after "Listening on" during which requests wait (GPU discovery)
+  OLLAMA_FAKE_REPLY        text of the canned answer of /api/generate, /api/chat, /v1/chat/completions
 
 The bottom of the file has helpers for the tests themselves (FakeOllama, install_model, stop_process);
 the script never uses them.
@@ -286,8 +286,8 @@ def _catalog_model(name: Name, spec: Mapping[str, Any]) -> CatalogModel:
 
 
 def load_catalog(path: str | None = None) -> dict[tuple[str, str, str, str], CatalogModel]:
-    """The pull catalog: FAKE_OLLAMA_CATALOG's JSON file when set, else the built-in one."""
-    path = path if path is not None else os.environ.get("FAKE_OLLAMA_CATALOG")
+    """The pull catalog: OLLAMA_FAKE_CATALOG's JSON file when set, else the built-in one."""
+    path = path if path is not None else os.environ.get("OLLAMA_FAKE_CATALOG")
     specs: Mapping[str, Any] = _BUILTIN_CATALOG
     if path:
         specs = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -448,7 +448,7 @@ def pull_events(
 ) -> Generator[dict[str, Any], None, None]:
     """The progress of a pull, as the ndjson objects ollama streams; raises PullError on failure.
 
-    `delay` and `fault` default to FAKE_OLLAMA_PULL_DELAY and FAKE_OLLAMA_PULL_ERROR.
+    `delay` and `fault` default to OLLAMA_FAKE_PULL_DELAY and OLLAMA_FAKE_PULL_ERROR.
     Closing the generator mid-way (client gone) leaves the `-partial` file, as ollama does.
     """
     yield {"status": "pulling manifest"}
@@ -456,10 +456,10 @@ def pull_events(
     if entry is None:
         raise PullError("pull model manifest: file does not exist")
     if fault is None:
-        fault = os.environ.get("FAKE_OLLAMA_PULL_ERROR", "")
+        fault = os.environ.get("OLLAMA_FAKE_PULL_ERROR", "")
     fault = fault or entry.error
     if delay is None:
-        delay = _env_float("FAKE_OLLAMA_PULL_DELAY", 0.02)
+        delay = _env_float("OLLAMA_FAKE_PULL_DELAY", 0.02)
     existing = store.find(name)
     old: set[str] = set()
     if existing is not None:
@@ -852,7 +852,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         given, _ = found
         empty = not req.get("messages") if chat else not req.get("prompt")
-        words = [] if empty else os.environ.get("FAKE_OLLAMA_REPLY", "Hello from fake Ollama.").split(" ")
+        words = [] if empty else os.environ.get("OLLAMA_FAKE_REPLY", "Hello from fake Ollama.").split(" ")
         tokens = [w if i == 0 else " " + w for i, w in enumerate(words)]
 
         def piece(text: str, done: bool) -> dict[str, Any]:
@@ -912,7 +912,7 @@ class _Handler(BaseHTTPRequestHandler):
             message = f"model {json.dumps(given)} not found, try pulling it first"
             self._json(404, {"error": {"message": message, "type": "api_error", "param": None, "code": None}})
             return
-        reply = os.environ.get("FAKE_OLLAMA_REPLY", "Hello from fake Ollama.")
+        reply = os.environ.get("OLLAMA_FAKE_REPLY", "Hello from fake Ollama.")
         base = {
             "id": "chatcmpl-123",
             "created": int(time.time()),
@@ -1029,10 +1029,10 @@ def serve() -> int:
     # Installed first so SIGTERM at any moment of the start means a clean exit 0.
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    if stop.wait(_env_float("FAKE_OLLAMA_START_DELAY", 0.0)):
+    if stop.wait(_env_float("OLLAMA_FAKE_START_DELAY", 0.0)):
         return 0
     models = Path(os.environ.get("OLLAMA_MODELS") or Path.home() / ".ollama" / "models")
-    exit_at_once = os.environ.get("FAKE_OLLAMA_EXIT_AT_ONCE", "")
+    exit_at_once = os.environ.get("OLLAMA_FAKE_EXIT_AT_ONCE", "")
     if exit_at_once:
         message = (
             exit_at_once
@@ -1075,7 +1075,7 @@ def serve() -> int:
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
     thread.start()
     _log("INFO", "discovering available GPUs...")
-    ready_delay = _env_float("FAKE_OLLAMA_READY_DELAY", 0.0)
+    ready_delay = _env_float("OLLAMA_FAKE_READY_DELAY", 0.0)
     if ready_delay > 0:
         stop.wait(ready_delay)
     _log("INFO", "inference compute", id="cpu", library="cpu", compute="", name="cpu", total="15.5 GiB")
@@ -1185,7 +1185,7 @@ class FakeOllama:
         self._reader: threading.Thread | None = None
 
     def environ(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("OLLAMA_", "FAKE_OLLAMA_"))}
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("OLLAMA_", "OLLAMA_FAKE_"))}
         env.update({"OLLAMA_HOST": f"127.0.0.1:{self.port}", "OLLAMA_MODELS": str(self.models)})
         env.update(self.extra_env)
         return env

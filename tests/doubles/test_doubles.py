@@ -44,7 +44,7 @@ def ndjson(raw: bytes) -> list[dict[str, Any]]:
 
 
 def serve_env(models: Path, port: int, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OLLAMA_", "FAKE_OLLAMA_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OLLAMA_", "OLLAMA_FAKE_"))}
     env.update(OLLAMA_HOST=f"127.0.0.1:{port}", OLLAMA_MODELS=str(models), **extra)
     return env
 
@@ -185,7 +185,7 @@ def test_busy_port_is_refused(tmp_path: Path) -> None:
 def test_fault_knobs(tmp_path: Path) -> None:
     models = tmp_path / "models"
     want = "digest mismatch, file must be downloaded again: want sha256:aaa, got sha256:bbb"
-    with FakeOllama(models, env={"FAKE_OLLAMA_PULL_ERROR": want}) as fake:
+    with FakeOllama(models, env={"OLLAMA_FAKE_PULL_ERROR": want}) as fake:
         lines = ndjson(request(fake.url, "POST", "/api/pull", {"model": "llama3.2"})[2])
         assert any("completed" in x for x in lines) and lines[-1] == {"error": want}
         status, _, body = request(fake.url, "POST", "/api/pull", {"model": "llama3.2", "stream": False})
@@ -197,13 +197,13 @@ def test_fault_knobs(tmp_path: Path) -> None:
         capture_output=True,
         text=True,
         timeout=30,
-        env=serve_env(models, archives.free_port(), FAKE_OLLAMA_EXIT_AT_ONCE="1"),
+        env=serve_env(models, archives.free_port(), OLLAMA_FAKE_EXIT_AT_ONCE="1"),
     )
     assert out.returncode == 1 and out.stderr.startswith("Error: ")
 
     catalog = tmp_path / "catalog.json"
     catalog.write_text(json.dumps({"tiny:1b": {"model_size": 1000}}))
-    with FakeOllama(models, env={"FAKE_OLLAMA_CATALOG": str(catalog)}) as fake:
+    with FakeOllama(models, env={"OLLAMA_FAKE_CATALOG": str(catalog)}) as fake:
         tiny = ndjson(request(fake.url, "POST", "/api/pull", {"model": "tiny:1b"})[2])
         assert tiny[-1] == {"status": "success"}
         gone = ndjson(request(fake.url, "POST", "/api/pull", {"model": "smollm2:135m"})[2])
@@ -211,7 +211,7 @@ def test_fault_knobs(tmp_path: Path) -> None:
 
 
 def test_sigterm_during_start_delay_exits_zero(tmp_path: Path) -> None:
-    env = serve_env(tmp_path / "m", archives.free_port(), FAKE_OLLAMA_START_DELAY="30")
+    env = serve_env(tmp_path / "m", archives.free_port(), OLLAMA_FAKE_START_DELAY="30")
     proc = subprocess.Popen([sys.executable, str(SCRIPT), "serve"], env=env, stderr=subprocess.DEVNULL)
     try:
         time.sleep(0.5)

@@ -11,14 +11,35 @@ import sys
 from collections.abc import Callable, Sequence
 
 from stigmer import __version__
-from stigmer.errors import StigmerError
+from stigmer.errors import ErrorCode, StigmerError
 
 Handler = Callable[[argparse.Namespace], int]
+
+EXIT_CODES_HELP = """\
+exit codes:
+  0 success, 1 unexpected error (a bug), 2 usage, 3 configuration, 4 network, 5 integrity (a download or
+  file did not check out), 6 not found, 7 busy or in the way (a port, another command, a model in use),
+  8 a service failed, 9 disk or filesystem, 10 not supported here, 11 refused (authorisation),
+  130 interrupted. With --json, errors are printed on stderr as {"error": {"code", "message", "hint"}}."""
+
+
+def _lines(text: str) -> int:
+    """-n for logs: 0 or more (0 prints nothing, as tail does; with -f it only follows)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 0 <= n <= 1_000_000:
+        raise argparse.ArgumentTypeError(f"{n} is out of range: use 0 to 1000000 lines")
+    return n
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="stigmer", description="Stigmer local mode: a managed local LLM and AI agents on your machine."
+        prog="stigmer",
+        description="Stigmer local mode: a managed local LLM and AI agents on your machine.",
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("-d", "--debug", action="store_true", help="debug logging and full tracebacks on stderr")
     p.add_argument("--version", action="version", version=f"stigmer {__version__}")
@@ -39,7 +60,9 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true", help="machine-readable output")
     st.set_defaults(handler="llm_cmd:status")
     logs = ssub.add_parser("logs", help="show the Local LLM log")
-    logs.add_argument("-n", "--lines", type=int, default=50, help="how many lines (default 50)")
+    logs.add_argument(
+        "-n", "--lines", type=_lines, default=50, help="how many of the last lines (default 50; 0: none)"
+    )
     logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
     logs.set_defaults(handler="server_cmd:logs")
 
@@ -87,26 +110,61 @@ def _load(target: str) -> Handler:
     return handler
 
 
-def _os_error(e: OSError) -> tuple[str, str]:
+def _os_error(e: OSError) -> tuple[str, str, ErrorCode]:
     import errno
 
     where = f" ({e.filename})" if e.filename else ""
     what = f"{e.strerror or e}{where}."
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return f"The disk is full{where}.", "Free some space and run the command again; nothing was lost."
-    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return what, "Check the permissions of STIGMER_HOME (default ~/.stigmer), or point it elsewhere."
-    if e.errno in (errno.ENOTDIR, errno.EEXIST):
         return (
-            what,
-            "STIGMER_HOME (default ~/.stigmer) must be a folder: move the file away or set STIGMER_HOME.",
+            f"The disk is full{where}.",
+            "Free some space and run the command again; nothing was lost.",
+            ErrorCode.DISK_FULL,
         )
-    return what, "Run the command again with --debug for details."
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        hint = "Check the permissions of STIGMER_HOME (default ~/.stigmer), or point it elsewhere."
+        return what, hint, ErrorCode.FILESYSTEM
+    if e.errno in (errno.ENOTDIR, errno.EEXIST):
+        hint = "STIGMER_HOME (default ~/.stigmer) must be a folder: move the file away or set STIGMER_HOME."
+        return what, hint, ErrorCode.FILESYSTEM
+    return what, "Run the command again with --debug for details.", ErrorCode.FILESYSTEM
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    for stream in (sys.stdout, sys.stderr):
+        # Never die on a character the terminal cannot show (a model name, a log line): replace it.
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure(errors="replace")
+    try:
+        return _run(parser, args)
+    except BrokenPipeError:
+        # `stigmer server logs | head -1`: the reader has what it wanted. Point stdout at devnull so the
+        # interpreter's final flush does not complain, and end quietly.
+        import os
+
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+
+
+def _fail(args: argparse.Namespace, error: StigmerError) -> int:
+    from stigmer.cli.render import Out
+
+    if args.debug:
+        import logging
+
+        logging.exception("error")
+    if getattr(args, "json", False):
+        Out().json_error(error.to_dict())
+    else:
+        Out().error(error.message, error.hint)
+    return error.exit_code
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.debug:
         import logging  # only with --debug: keeps every other start-up lighter
 
@@ -117,36 +175,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     if target is None:
         parser.print_help()
         return 0
-    from stigmer.cli.render import Out
-
     try:
         return _load(target)(args)
     except StigmerError as e:
-        if args.debug:
-            import logging
-
-            logging.exception("error")
-        Out().error(e.message, e.hint)
-        return e.exit_code
+        return _fail(args, e)
+    except BrokenPipeError:
+        raise
     except OSError as e:
         # Filesystem trouble the user can fix (a full disk, permissions, STIGMER_HOME not a folder).
-        if args.debug:
-            import logging
-
-            logging.exception("error")
-        Out().error(*_os_error(e))
-        return 1
+        message, hint, code = _os_error(e)
+        return _fail(args, StigmerError(message, hint=hint, code=code))
     except KeyboardInterrupt:
-        Out().error("Interrupted.", "Run the command again to continue: downloads resume where they stopped.")
-        return 130
+        interrupted = StigmerError(
+            "Interrupted.",
+            hint="Run the command again to continue: downloads resume where they stopped.",
+            code=ErrorCode.INTERRUPTED,
+        )
+        return _fail(args, interrupted)
     except Exception as e:
         if args.debug:
             raise
-        Out().error(
+        bug = StigmerError(
             f"Unexpected error: {type(e).__name__}: {e}",
-            "This is a bug in Stigmer. Run the command again with --debug for the full traceback.",
+            hint="This is a bug in Stigmer. Run the command again with --debug for the full traceback.",
+            code=ErrorCode.INTERNAL,
         )
-        return 1
+        return _fail(args, bug)
 
 
 if __name__ == "__main__":

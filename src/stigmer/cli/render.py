@@ -1,7 +1,10 @@
 """The one place that prints: ✓ ✗ ℹ ⚠ lines, blocks, --json, and progress.
 
-Colour only on a terminal and never with NO_COLOR. Live bars and spinners only on a terminal; in a
-pipe or a log, progress is a plain line at each 10%. rich is imported only when a live bar is drawn.
+stdout carries results (the Ready block, a status, a listing, --json documents), so they pipe cleanly;
+progress, notices, warnings and errors go to stderr. Colour only on a terminal and never with NO_COLOR.
+Live bars only on a terminal; in a pipe or a log, progress is a plain line at each 10%. A terminal that
+cannot show ✓ (PYTHONIOENCODING=ascii, an old console) gets ASCII markers. rich is imported only when a
+live bar is drawn.
 """
 
 from __future__ import annotations
@@ -15,10 +18,12 @@ from typing import TYPE_CHECKING, Any, TextIO
 from stigmer.units import human_bytes
 
 if TYPE_CHECKING:
-    from stigmer.llm.provider import Event, LlmStatus, ModelInfo
+    from stigmer.events import Event
+    from stigmer.llm.provider import LlmStatus, ModelInfo
 
-RULE = "─" * 37
 _COLORS = {"green": "32", "red": "31", "cyan": "36", "yellow": "33", "bold": "1", "dim": "2"}
+MARKERS = {"ok": "✓", "bad": "✗", "info": "ℹ", "warn": "⚠", "rule": "─"}
+ASCII_MARKERS = {"ok": "[ok]", "bad": "[x]", "info": "[i]", "warn": "[!]", "rule": "-"}
 
 
 def use_color(stream: TextIO) -> bool:
@@ -27,43 +32,74 @@ def use_color(stream: TextIO) -> bool:
     return stream.isatty()
 
 
+def can_show(stream: TextIO, text: str) -> bool:
+    try:
+        text.encode(getattr(stream, "encoding", None) or "utf-8")
+    except (UnicodeEncodeError, LookupError):
+        return False
+    return True
+
+
 class Out:
     def __init__(self, stdout: TextIO | None = None, stderr: TextIO | None = None) -> None:
         self.stdout = stdout or sys.stdout
         self.stderr = stderr or sys.stderr
         self.color = use_color(self.stdout)
         self.err_color = use_color(self.stderr)
+        fancy = can_show(self.stdout, "".join(MARKERS.values())) and can_show(
+            self.stderr, "".join(MARKERS.values())
+        )
+        self.marks = MARKERS if fancy else ASCII_MARKERS
+
+    @property
+    def rule(self) -> str:
+        return self.marks["rule"] * 37
 
     def _paint(self, text: str, color: str, *, err: bool = False) -> str:
         on = self.err_color if err else self.color
         return f"\033[{_COLORS[color]}m{text}\033[0m" if on else text
 
+    def _mark(self, name: str, color: str, *, err: bool) -> str:
+        return self._paint(self.marks[name], color, err=err)
+
     def line(self, text: str = "") -> None:
+        """A line of the result (stdout)."""
         print(text, file=self.stdout, flush=True)
 
-    def success(self, text: str) -> None:
-        self.line(f"{self._paint('✓', 'green')} {text}")
+    def note(self, text: str = "") -> None:
+        """A line about what is happening, not the result (stderr)."""
+        print(text, file=self.stderr, flush=True)
 
-    def info(self, text: str) -> None:
-        self.line(f"{self._paint('ℹ', 'cyan')} {text}")
+    def success(self, text: str) -> None:
+        self.line(f"{self._mark('ok', 'green', err=False)} {text}")
+
+    def info(self, text: str, *, err: bool = True) -> None:
+        print(
+            f"{self._mark('info', 'cyan', err=err)} {text}",
+            file=self.stderr if err else self.stdout,
+            flush=True,
+        )
 
     def warn(self, text: str) -> None:
-        self.line(f"{self._paint('⚠', 'yellow')} {text}")
+        self.note(f"{self._mark('warn', 'yellow', err=True)} {text}")
 
     def error(self, message: str, hint: str = "") -> None:
-        print(f"{self._paint('✗', 'red', err=True)} Error: {message}", file=self.stderr)
+        print(f"{self._mark('bad', 'red', err=True)} Error: {message}", file=self.stderr)
         if hint:
             print(f"\n{hint}", file=self.stderr)
         self.stderr.flush()
+
+    def json_error(self, error: dict[str, str]) -> None:
+        print(json.dumps({"error": error}, indent=2, sort_keys=True), file=self.stderr, flush=True)
 
     def json(self, data: Any) -> None:
         self.line(json.dumps(_plain(data), indent=2, sort_keys=True))
 
     def ok(self) -> str:
-        return self._paint("✓", "green")
+        return self._mark("ok", "green", err=False)
 
     def bad(self) -> str:
-        return self._paint("✗", "red")
+        return self._mark("bad", "red", err=False)
 
     # -- blocks ------------------------------------------------------------------------------------
     def llm_block(self, st: LlmStatus) -> None:
@@ -87,10 +123,13 @@ class Out:
             self.fallback_block(st.fallback)
 
     def fallback_block(self, fb: dict[str, Any]) -> None:
-        self.warn("Offline fallback: the built-in engine is serving instead of the configured Local LLM.")
+        mark = self._mark("warn", "yellow", err=False)
+        self.line(
+            f"{mark} Offline fallback: the built-in engine is serving instead of the configured Local LLM."
+        )
         self.line(f"  Why:      {fb.get('reason', '')}")
         self.line(
-            f"  Serving:  {fb.get('model', '')} ({fb.get('size', '')}) — a small model, "
+            f"  Serving:  {fb.get('model', '')} ({fb.get('size', '')}), a small model, "
             "fine for trying things out, weaker than"
         )
         self.line(f"            the configured {fb.get('configured_model', '')}")
@@ -102,7 +141,7 @@ class Out:
 
     def model_list(self, models: list[ModelInfo], current: str, same: Any) -> None:
         self.line("Available Models:")
-        self.line(RULE)
+        self.line(self.rule)
         if not models:
             self.line("  (none yet)")
         for m in models:
@@ -131,7 +170,7 @@ class Progress:
 
     def __init__(self, out: Out) -> None:
         self.out = out
-        self.live = out.stdout.isatty()
+        self.live = out.stderr.isatty()
         self._last_message: str | None = None
         self._tenths: dict[str, int] = {}
         self._bars: Any = None
@@ -161,7 +200,7 @@ class Progress:
         if self._bars is not None:
             self._bars.console.print(f"   {text}", highlight=False)
         else:
-            self.out.line(f"   {text}")
+            self.out.note(f"   {text}")
 
     def _tenth(self, ev: Event) -> None:
         assert ev.key is not None and ev.total is not None
@@ -170,7 +209,7 @@ class Progress:
         if self._tenths.get(ev.key, -1) >= tenth:
             return
         self._tenths[ev.key] = tenth
-        self.out.line(
+        self.out.note(
             f"   {ev.phase}: {ev.message}: {tenth * 10}% ({human_bytes(done)} / {human_bytes(ev.total)})"
         )
 
@@ -189,7 +228,7 @@ class Progress:
                 Progress as Bars,
             )
 
-            console = Console(file=self.out.stdout, no_color=not self.out.color)
+            console = Console(file=self.out.stderr, no_color=not self.out.err_color)
             self._bars = Bars(
                 TextColumn("   {task.description}"),
                 BarColumn(),

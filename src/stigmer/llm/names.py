@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from stigmer.errors import StigmerError
+from stigmer.errors import ErrorCode, StigmerError
 
 DEFAULT_HOST = "registry.ollama.ai"
 DEFAULT_NAMESPACE = "library"
@@ -57,11 +57,21 @@ class ModelName:
         return self.short
 
 
+# host (350) / namespace (80) / model (80) : tag (80), as Ollama bounds each part.
+MAX_NAME = 350 + 1 + 80 + 1 + 80 + 1 + 80
+
+
+def shown(raw: str, limit: int = 60) -> str:
+    """A name as quoted in messages: never more than `limit` characters of it."""
+    text = repr(raw)
+    return text if len(text) <= limit else text[: limit - 5] + "...'"
+
+
 def _invalid(raw: str, why: str) -> StigmerError:
     return StigmerError(
-        f"Invalid model name {raw!r}: {why}.",
+        f"Invalid model name {shown(raw)}: {why}.",
         hint="Model names look like qwen2.5-coder:7b, namespace/model:tag or hf.co/ORG/REPO:QUANT.",
-        code="invalid_model_name",
+        code=ErrorCode.INVALID_MODEL_NAME,
     )
 
 
@@ -69,6 +79,8 @@ def parse_model_name(raw: str) -> ModelName:
     name = raw.strip()
     if not name:
         raise _invalid(raw, "it is empty")
+    if len(name) > MAX_NAME:
+        raise _invalid(raw, f"it is too long ({len(name)} characters; at most {MAX_NAME})")
     if any(c.isspace() for c in name):
         raise _invalid(raw, "it contains spaces")
     tag = DEFAULT_TAG
@@ -90,16 +102,16 @@ def parse_model_name(raw: str) -> ModelName:
     if host.lower() in HF_HOSTS:
         for label, value in (("organisation", namespace), ("repository", model), ("quantisation", tag)):
             if not _HF_PART.fullmatch(value):
-                raise _invalid(raw, f"bad Hugging Face {label} {value!r}")
+                raise _invalid(raw, f"bad Hugging Face {label} {shown(value)}")
         return ModelName(host, namespace, model, tag)
     if not _HOST.fullmatch(host):
-        raise _invalid(raw, f"bad registry host {host!r}")
+        raise _invalid(raw, f"bad registry host {shown(host)}")
     if not _NAMESPACE.fullmatch(namespace):
-        raise _invalid(raw, f"bad namespace {namespace!r}")
+        raise _invalid(raw, f"bad namespace {shown(namespace)}")
     if not _PART.fullmatch(model):
-        raise _invalid(raw, f"bad model {model!r}")
+        raise _invalid(raw, f"bad model {shown(model)}")
     if not _PART.fullmatch(tag):
-        raise _invalid(raw, f"bad tag {tag!r}")
+        raise _invalid(raw, f"bad tag {shown(tag)}")
     return ModelName(host, namespace, model, tag)
 
 

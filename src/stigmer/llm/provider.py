@@ -1,46 +1,39 @@
-"""The provider interface behind "Local LLM", and the registry that picks one by name.
+"""The provider interface behind "Local LLM", split by what a provider can do, and the registry.
 
-Providers report progress as Events to one callback that the CLI supplies; they never print.
-Process handling (pid record, log, readiness, stop) is shared by every provider that runs a local
-server, in ManagedServer.
+Every provider has a chat endpoint (base URL, key, model: list models, chat, streamed chat) and a
+status. A provider whose server runs on this machine is also a LocalRuntime (install, start, stop,
+serve a model), and one with models to manage is also a ModelCatalog (list, pull, remove). A remote
+provider implements only what applies; `capabilities` says which parts a provider has, so callers
+(the CLI, the API) ask instead of calling stubs.
+
+What is served (model, base URL) is the provider's own state, set when it is made: the settings say
+what the user configured, and the offline fallback serves something else without changing them.
+Progress goes to the Reporter passed with each call.
 """
 
 from __future__ import annotations
 
 import importlib
-import os
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
-from urllib.parse import urlsplit
 
 from stigmer.config.store import Settings
-from stigmer.errors import StigmerError
+from stigmer.errors import ErrorCode, StigmerError
+from stigmer.events import Reporter
+from stigmer.net.addresses import host_port
 from stigmer.paths import Paths
-from stigmer.proc import record as records
-from stigmer.proc.record import ProcessRecord
 
 if TYPE_CHECKING:
-    import subprocess
+    from stigmer.llm.endpoint import ChatEndpoint
+    from stigmer.services.record import ProcessRecord
+    from stigmer.services.spec import ServiceSpec
 
-INITIALIZING, INSTALLING, STARTING = "Initializing", "Installing", "Starting"
+RUNTIME = "runtime"  # a server on this machine that the product installs, starts and stops
+CATALOG = "catalog"  # models that can be listed, pulled and removed
 
-
-@dataclass(frozen=True)
-class Event:
-    phase: str
-    message: str
-    key: str | None = None  # identifies one progress bar (a download, a layer)
-    done: int | None = None
-    total: int | None = None
-
-
-Reporter = Callable[[Event], None]
-
-
-def silent(_event: Event) -> None:
-    pass
+SERVICE = "llm"  # the service name of every local LLM server (run/llm.pid, logs/llm.log)
 
 
 @dataclass(frozen=True)
@@ -67,16 +60,9 @@ class LlmStatus:
     notes: list[str] = field(default_factory=list)
 
 
-def host_port(base_url: str) -> tuple[str, int]:
-    parts = urlsplit(base_url)
-    host = parts.hostname or "127.0.0.1"
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    return host, port
-
-
 def not_running_error(label: str = "Local LLM") -> StigmerError:
     return StigmerError(
-        f"The {label} is not running.", hint="Start it with: stigmer server", code="llm_not_running"
+        f"The {label} is not running.", hint="Start it with: stigmer server", code=ErrorCode.NOT_RUNNING
     )
 
 
@@ -85,18 +71,86 @@ class Provider(ABC):
     label: ClassVar[str]  # in the status block: "Provider: Local ✓ Running"
     noun: ClassVar[str]  # in sentences: "the Local LLM"
 
-    def __init__(self, settings: Settings, paths: Paths, report: Reporter = silent) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        paths: Paths,
+        *,
+        model: str | None = None,
+        base_url: str | None = None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> None:
         self.settings = settings
         self.paths = paths
-        self.report = report
-        self.extra_info: dict[str, Any] = {}  # recorded with the server's pid (e.g. offline fallback)
+        self.model = model or settings.llm.model
+        self.base_url = base_url or settings.llm.base_url
+        self.extra = dict(extra or {})  # kept in a started server's pid record (e.g. the offline fallback)
 
     @property
-    def base_url(self) -> str:
-        return self.settings.base_url
+    def capabilities(self) -> frozenset[str]:
+        return frozenset(
+            cap for cap, part in ((RUNTIME, LocalRuntime), (CATALOG, ModelCatalog)) if isinstance(self, part)
+        )
 
     def url(self, path: str) -> str:
         return self.base_url + path
+
+    def endpoint(self, model: str | None = None) -> ChatEndpoint:
+        """The OpenAI-compatible chat API of this provider (local servers serve it under /v1)."""
+        from stigmer.llm.endpoint import OpenAICompatible
+
+        return OpenAICompatible(self.base_url + "/v1", model or self.model, self.settings.llm.api_key)
+
+    @abstractmethod
+    def status(self) -> LlmStatus: ...
+
+
+class LocalRuntime(ABC):
+    """A provider whose server is a local process this product installs, starts, records and stops."""
+
+    paths: Paths
+    base_url: str
+    model: str
+    extra: dict[str, Any]
+    noun: ClassVar[str]
+    name: ClassVar[str]
+
+    @abstractmethod
+    def is_running(self) -> bool:
+        """True if our kind of server answers on base_url; an error if something else does."""
+
+    @abstractmethod
+    def ensure_runtime(self, report: Reporter) -> None:
+        """Make the runtime present (download and install it if needed)."""
+
+    @abstractmethod
+    def service_spec(self, report: Reporter, model: str | None = None) -> ServiceSpec:
+        """How to run the server (serving `model`, else self.model); may fetch what it needs first."""
+
+    @abstractmethod
+    def ensure_model(self, model: str, report: Reporter) -> None:
+        """Make the running server serve `model`, pulling it with progress when missing."""
+
+    def start(self, report: Reporter, model: str | None = None) -> ProcessRecord:
+        """Start the server detached and wait until it answers."""
+        from stigmer.services.manager import Services
+
+        return Services(self.paths).start(self.service_spec(report, model))
+
+    def stop(self) -> bool:
+        """Stop the server this product started; False when there was none."""
+        return stop_llm(self.paths) is not None
+
+    def managed_record(self) -> ProcessRecord | None:
+        """Our live server's record when it is of this provider and serves this base URL."""
+        from stigmer.services.manager import Services
+
+        rec = Services(self.paths).record(SERVICE)
+        if rec is None or rec.info.get("provider") not in (None, self.name):
+            return None  # a server of the other provider: not this one's to report or stop
+        if rec.info.get("base_url") not in (None, self.base_url):
+            return None
+        return rec
 
     def port_busy(self, answered: str) -> StigmerError:
         """Something that is not our server answers on base_url: say what, and never touch it."""
@@ -106,115 +160,26 @@ class Provider(ABC):
             f"(it answered: {answered}).",
             hint="Nothing was stopped. Stop that program, or use another port:\n"
             f"  stigmer config set llm.base_url http://127.0.0.1:{port + 1}",
-            code="port_in_use",
+            code=ErrorCode.PORT_IN_USE,
         )
 
-    @abstractmethod
-    def is_running(self) -> bool:
-        """True if our kind of server answers on base_url; an error if something else does."""
 
-    @abstractmethod
-    def ensure_runtime(self) -> None:
-        """Make the runtime present (download and install it if needed)."""
-
-    @abstractmethod
-    def start(self) -> ProcessRecord:
-        """Start the server detached and wait until it answers."""
-
-    @abstractmethod
-    def stop(self) -> bool:
-        """Stop the server this product started; False when there was none."""
-
-    @abstractmethod
-    def ensure_model(self, model: str) -> None:
-        """Make the model available, pulling it with progress when missing."""
-
+class ModelCatalog(ABC):
     @abstractmethod
     def list_models(self) -> list[ModelInfo]: ...
 
     @abstractmethod
-    def pull(self, model: str) -> None: ...
+    def pull(self, model: str, report: Reporter) -> None: ...
 
     @abstractmethod
     def remove(self, model: str) -> None: ...
 
-    @abstractmethod
-    def status(self) -> LlmStatus: ...
 
-
-class ManagedServer(Provider, ABC):
-    """A provider whose server is a local process this product starts, records and stops."""
-
-    service = "llm"
-
-    def managed_record(self) -> ProcessRecord | None:
-        rec = records.live_record(self.paths.llm_pid)
-        if rec is not None and rec.info.get("provider") not in (None, self.name):
-            return None  # a server of the other provider: not this one's to report or stop
-        return rec
-
-    def launch(
-        self, argv: list[str], env: dict[str, str], probe: Callable[[], bool], *, timeout: float = 30.0
-    ) -> ProcessRecord:
-        from stigmer.proc import ready, spawn  # not needed by status and list: keep them light
-
-        self.paths.ensure(self.paths.home, self.paths.logs_dir)
-        proc, rec = spawn.start_detached(
-            argv,
-            env=env,
-            log_path=self.paths.llm_log,
-            pid_path=self.paths.llm_pid,
-            service=self.service,
-            info={
-                "provider": self.name,
-                "base_url": self.base_url,
-                "model": self.settings.model,
-                **self.extra_info,
-            },
-        )
-        try:
-            ready.wait_ready(
-                probe,
-                proc=proc,
-                what=f"{self.label} LLM server",
-                log_path=self.paths.llm_log,
-                timeout=timeout,
-            )
-        except BaseException:
-            # Never leave a half-started server behind (also on Ctrl-C).
-            spawn.stop(rec, timeout=5)
-            _reap(proc)
-            records.remove(self.paths.llm_pid)
-            raise
-        return rec
-
-    def stop(self) -> bool:
-        return stop_managed(self.paths) is not None
-
-    def child_env(self) -> dict[str, str]:
-        """The server's environment: ours (proxy variables included, which the runtime needs itself)."""
-        return dict(os.environ)
-
-
-def stop_managed(paths: Paths) -> ProcessRecord | None:
+def stop_llm(paths: Paths, *, timeout: float = 10.0) -> ProcessRecord | None:
     """Stop the LLM server this product started, whichever provider it is; None when there is none."""
-    from stigmer.proc import spawn
+    from stigmer.services.manager import Services
 
-    rec = records.live_record(paths.llm_pid)
-    if rec is None:
-        return None
-    spawn.stop(rec)
-    records.remove(paths.llm_pid)
-    return rec
-
-
-def _reap(proc: subprocess.Popen[bytes]) -> None:
-    import subprocess
-
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    return Services(paths).stop(SERVICE, timeout=timeout)
 
 
 # The registry: provider name -> "module:Class". Imported on use so `stigmer` starts fast; the built-in
@@ -226,6 +191,10 @@ def register(name: str, target: str) -> None:
     _REGISTRY[name] = target
 
 
+def registered() -> list[str]:
+    return sorted(_REGISTRY)
+
+
 def provider_class(name: str) -> type[Provider]:
     try:
         target = _REGISTRY[name]
@@ -233,15 +202,25 @@ def provider_class(name: str) -> type[Provider]:
         raise StigmerError(
             f"Unknown LLM provider {name!r}.",
             hint=f"Valid providers: {', '.join(sorted(_REGISTRY))}",
-            code="config_invalid",
+            code=ErrorCode.CONFIG_INVALID,
         ) from None
     module, _, cls = target.partition(":")
     klass: type[Provider] = getattr(importlib.import_module(module), cls)
     return klass
 
 
-def get_provider(settings: Settings, paths: Paths, report: Reporter = silent) -> Provider:
-    return provider_class(settings.provider)(settings, paths, report)
+def get_provider(
+    settings: Settings,
+    paths: Paths,
+    *,
+    name: str | None = None,
+    model: str | None = None,
+    base_url: str | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> Provider:
+    """The configured provider (or `name`), serving `model` on `base_url` when given."""
+    klass = provider_class(name or settings.llm.provider)
+    return klass(settings, paths, model=model, base_url=base_url, extra=extra)
 
 
 register("ollama", "stigmer.llm.ollama.provider:OllamaProvider")

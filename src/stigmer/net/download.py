@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from http.client import HTTPException
 from pathlib import Path
 
-from stigmer.errors import IntegrityError, NetworkUnreachable, StigmerError
+from stigmer.errors import ErrorCode, IntegrityError, NetworkUnreachable, StigmerError
 from stigmer.fsutil import free_bytes
 from stigmer.net import http
 from stigmer.units import human_bytes as human_bytes  # re-exported for callers
@@ -58,7 +58,7 @@ def check_disk(folder: Path, need: int, what: str) -> None:
             f"free {human_bytes(free)} on {folder}.",
             hint="Free some space (or point STIGMER_HOME at a bigger disk) and run the command again; "
             "what was already downloaded is kept.",
-            code="disk_full",
+            code=ErrorCode.DISK_FULL,
         )
 
 
@@ -109,7 +109,7 @@ def download(
                 raise NetworkUnreachable(
                     f"Download of {what} failed after {attempt} attempts: {e}.",
                     hint="What was downloaded is kept; run the command again to continue.",
-                    code="download_failed",
+                    code=ErrorCode.DOWNLOAD_FAILED,
                 ) from e
             delay = min(2 ** (attempt - 1), 8) * 0.25
             log.info("download of %s interrupted (%s); retrying in %.2fs", http.redact(url), e, delay)
@@ -149,14 +149,14 @@ def _attempt(
         raise StigmerError(
             f"Download of {what} failed: {http.redact(url)} answered HTTP {e.code} {e.reason}.",
             hint="Check the version and download URL settings (stigmer config list).",
-            code="download_http_error",
+            code=ErrorCode.DOWNLOAD_HTTP_ERROR,
         ) from e
     except (urllib.error.URLError, OSError) as e:
         if have and not isinstance(getattr(e, "reason", None), ConnectionRefusedError):
             raise _Transient(http.describe(e)) from e
         raise NetworkUnreachable(
             f"Failed to download {what}: {http.describe(e)}",
-            code="network_unreachable",
+            code=ErrorCode.NETWORK_UNREACHABLE,
             hint=f"Could not reach {http.redact(url)}.",
         ) from e
     with resp:
@@ -176,7 +176,7 @@ def _attempt(
         if size is not None and total is not None and total != size:
             raise IntegrityError(
                 f"Download of {what} has the wrong size: expected {size} bytes, the server sends {total}.",
-                code="checksum_mismatch",
+                code=ErrorCode.CHECKSUM_MISMATCH,
                 hint="The mirror may be serving a different file. Nothing was installed.",
             )
         if total is not None:
@@ -201,7 +201,7 @@ def _attempt(
             if isinstance(e, OSError) and e.errno in (28, 122):  # ENOSPC, EDQUOT
                 raise StigmerError(
                     f"The disk filled up while downloading {what}.",
-                    code="disk_full",
+                    code=ErrorCode.DISK_FULL,
                     hint="Free some space and run the command again; the download resumes.",
                 ) from e
             raise _Transient(http.describe(e) if isinstance(e, OSError) else "connection closed early") from e
@@ -234,7 +234,7 @@ def _finish(
             f"Checksum mismatch for {what}: expected sha256 {sha256.lower()}, got {digest}.",
             hint="The download was corrupted or tampered with; it was deleted and nothing was installed. "
             "Run the command again; if it repeats, check your mirror (llm.download_url).",
-            code="checksum_mismatch",
+            code=ErrorCode.CHECKSUM_MISMATCH,
         )
     os.replace(part, dest)
     return Downloaded(dest, digest, size, first_offset, final_url)

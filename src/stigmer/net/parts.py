@@ -32,7 +32,7 @@ from http.client import HTTPException
 from pathlib import Path
 from typing import Any
 
-from stigmer.errors import IntegrityError, NetworkUnreachable, StigmerError
+from stigmer.errors import ErrorCode, IntegrityError, NetworkUnreachable, StigmerError
 from stigmer.net import http
 from stigmer.net.download import Downloaded, ProgressFn, check_disk, partial_path
 
@@ -157,7 +157,7 @@ class _Job:
 
     def run(self, parts: int | None) -> Downloaded:
         created = not self.partial.exists()
-        self.fd = os.open(self.partial, os.O_RDWR | os.O_CREAT | getattr(os, "O_BINARY", 0), 0o644)
+        self.fd = os.open(self.partial, os.O_RDWR | os.O_CREAT | getattr(os, "O_BINARY", 0), 0o600)
         self._lock_partial()
         self.parts = self._load_record() or []
         if not self.parts:
@@ -200,7 +200,7 @@ class _Job:
                 f"Checksum mismatch for {self.what}: expected sha256 {self.sha256}, got {digest}.",
                 hint="The download was corrupted or tampered with; it was deleted and nothing was installed. "
                 "Run the command again; if it repeats, check the registry or mirror (llm.registry_url).",
-                code="checksum_mismatch",
+                code=ErrorCode.CHECKSUM_MISMATCH,
             )
         if os.name == "nt":
             self.close()  # Windows renames no open file; elsewhere the lock is held through the rename
@@ -226,7 +226,7 @@ class _Job:
             raise StigmerError(
                 f"Another process is already downloading {self.what}.",
                 hint="Wait for it to finish, or stop it and run the command again.",
-                code="download_busy",
+                code=ErrorCode.BUSY,
             ) from None
 
     def _load_record(self) -> list[_Part] | None:
@@ -322,13 +322,13 @@ class _Job:
             raise StigmerError(
                 f"Download of {self.what} failed: {http.redact(url)} answered HTTP {e.code} {e.reason}.",
                 hint="Run the command again; if it repeats, check the registry setting (llm.registry_url).",
-                code="download_http_error",
+                code=ErrorCode.DOWNLOAD_HTTP_ERROR,
             ) from None
         except (urllib.error.URLError, OSError) as e:
             if first and http.describe(e) in ("connection refused", "host name could not be resolved"):
                 raise NetworkUnreachable(
                     f"Failed to download {self.what}: {http.describe(e)}.",
-                    code="network_unreachable",
+                    code=ErrorCode.NETWORK_UNREACHABLE,
                     hint=f"Could not reach {http.redact(url)}. Check your connection (and HTTPS_PROXY).",
                 ) from None
             raise _Transient(http.describe(e)) from None
@@ -353,14 +353,14 @@ class _Job:
         return IntegrityError(
             f"Download of {self.what} has the wrong size: expected {self.size} bytes, the server has {got}.",
             hint="The registry or mirror serves a different file; nothing was installed.",
-            code="checksum_mismatch",
+            code=ErrorCode.CHECKSUM_MISMATCH,
         )
 
     def _gave_up(self, e: Exception) -> NetworkUnreachable:
         return NetworkUnreachable(
             f"Download of {self.what} failed after {ATTEMPTS} attempts: {e}.",
             hint="What was downloaded is kept; run the command again to continue where it stopped.",
-            code="download_failed",
+            code=ErrorCode.DOWNLOAD_FAILED,
         )
 
     # --- transfer ----------------------------------------------------------------------------------
@@ -500,7 +500,7 @@ class _Job:
                 if e.errno in (28, 122):  # ENOSPC, EDQUOT
                     raise StigmerError(
                         f"The disk filled up while downloading {self.what}.",
-                        code="disk_full",
+                        code=ErrorCode.DISK_FULL,
                         hint="Free some space and run the command again; it resumes.",
                     ) from e
                 raise

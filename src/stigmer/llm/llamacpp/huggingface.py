@@ -24,10 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stigmer.errors import IntegrityError, NetworkUnreachable, StigmerError
+from stigmer.errors import ErrorCode, IntegrityError, NetworkUnreachable, StigmerError
+from stigmer.events import INSTALLING, Event, Reporter
 from stigmer.llm.llamacpp.store import ModelStore, StoredModel
 from stigmer.llm.names import DEFAULT_TAG, ModelName
-from stigmer.llm.provider import INSTALLING, Event, Reporter
 from stigmer.net.download import CHUNK, check_disk, human_bytes
 from stigmer.net.http import redact
 
@@ -148,7 +148,7 @@ def choose_gguf(files: Iterable[HfFile], quant: str | None, where: str) -> HfFil
             f"{where} has no GGUF model file.",
             hint="The built-in engine runs GGUF files: look for a -GGUF variant of the repository "
             "(e.g. hf.co/bartowski/Llama-3.2-1B-Instruct-GGUF).",
-            code="model_not_found",
+            code=ErrorCode.MODEL_NOT_FOUND,
         )
     if quant is None:
         candidates = models
@@ -162,7 +162,7 @@ def choose_gguf(files: Iterable[HfFile], quant: str | None, where: str) -> HfFil
                 f"{where} has no GGUF file for quantisation {quant}.",
                 hint=f"Available: {_quants(models)}. Pull one of them, e.g. "
                 f"{where}:{_preferred(models).quant}",
-                code="model_not_found",
+                code=ErrorCode.MODEL_NOT_FOUND,
             )
     whole = [f for f in candidates if f.split is None]
     if whole:
@@ -176,7 +176,7 @@ def choose_gguf(files: Iterable[HfFile], quant: str | None, where: str) -> HfFil
         if singles
         else "Download and merge the parts (llama-gguf-split --merge), then: "
         "stigmer server llm import FILE --name NAME",
-        code="model_unsupported",
+        code=ErrorCode.UNSUPPORTED,
     )
 
 
@@ -257,7 +257,7 @@ def _unreachable(name: ModelName, endpoint: str, e: BaseException) -> NetworkUnr
         f"Could not reach Hugging Face ({redact(endpoint)}) to pull {name}: {_reason(e)}.",
         hint="Check your connection (and HTTPS_PROXY). To use a mirror, set HF_ENDPOINT; models already "
         "in the Hugging Face cache work offline with HF_HUB_OFFLINE=1.",
-        code="network_unreachable",
+        code=ErrorCode.NETWORK_UNREACHABLE,
     )
 
 
@@ -289,20 +289,20 @@ def _translate(e: BaseException, name: ModelName, endpoint: str) -> StigmerError
             f"hf.co/{repo} is a gated repository: its files need an accepted licence and a token "
             f"(Hugging Face answered HTTP {status}).",
             hint=hint,
-            code="model_not_found",
+            code=ErrorCode.MODEL_NOT_FOUND,
         )
     if isinstance(e, RepositoryNotFoundError | RevisionNotFoundError):
         return StigmerError(
             f"Hugging Face repository hf.co/{repo} was not found (or is private).",
             hint="Check the name: hf.co/ORG/REPO[:QUANT], as in the repository's address on huggingface.co. "
             "For a private repository, set HF_TOKEN to a token that can read it.",
-            code="model_not_found",
+            code=ErrorCode.MODEL_NOT_FOUND,
         )
     if isinstance(e, EntryNotFoundError) and not isinstance(e, LocalEntryNotFoundError):
         return StigmerError(
             f"A file of hf.co/{repo} was not found on Hugging Face (the repository changed meanwhile?).",
             hint="Run the command again.",
-            code="model_not_found",
+            code=ErrorCode.MODEL_NOT_FOUND,
         )
     if isinstance(e, HfHubHTTPError):
         status = e.response.status_code
@@ -311,12 +311,12 @@ def _translate(e: BaseException, name: ModelName, endpoint: str) -> StigmerError
                 f"Hugging Face ({redact(endpoint)}) is unavailable: HTTP {status}.",
                 hint="Try again later; models already in the Hugging Face cache work offline with "
                 "HF_HUB_OFFLINE=1.",
-                code="hf_unavailable",
+                code=ErrorCode.HF_UNAVAILABLE,
             )
         return StigmerError(
             f"Hugging Face ({redact(endpoint)}) answered HTTP {status} for hf.co/{repo}.",
             hint="Check the name and HF_ENDPOINT (when set); if a token is needed, set HF_TOKEN.",
-            code="hf_error",
+            code=ErrorCode.HF_ERROR,
         )
     if isinstance(e, httpx2.TransportError | OfflineModeIsEnabled | LocalEntryNotFoundError):
         return _unreachable(name, endpoint, e)
@@ -324,27 +324,27 @@ def _translate(e: BaseException, name: ModelName, endpoint: str) -> StigmerError
         return StigmerError(
             f"{name} is not a valid Hugging Face repository name: {_scrub(str(e))}",
             hint="Names look like hf.co/ORG/REPO[:QUANT].",
-            code="invalid_model_name",
+            code=ErrorCode.INVALID_MODEL_NAME,
         )
     if isinstance(e, OSError) and e.errno == errno.ENOSPC:
         return StigmerError(
             f"The disk holding the Hugging Face cache is full: {_scrub(str(e))}",
             hint="Free some space, or point HF_HOME (or HF_HUB_CACHE) at a bigger disk, and run the "
             "command again.",
-            code="disk_full",
+            code=ErrorCode.DISK_FULL,
         )
     if isinstance(e, PermissionError):
         return StigmerError(
             f"Cannot write to the Hugging Face cache: {_scrub(str(e))}",
             hint="Fix the folder's permissions, or point HF_HOME (or HF_HUB_CACHE) at a writable folder.",
-            code="hf_cache_unwritable",
+            code=ErrorCode.FILESYSTEM,
         )
     if isinstance(e, OSError):
         # e.g. "Consistency check failed": the body was shorter than announced (a dropped connection).
         return NetworkUnreachable(
             f"Downloading {name} from Hugging Face failed: {_reason(e)}",
             hint="Run the command again.",
-            code="download_failed",
+            code=ErrorCode.DOWNLOAD_FAILED,
         )
     return None
 
@@ -370,7 +370,7 @@ def _register(
             f"{expected}, got {got}.",
             hint="The damaged file was removed from the Hugging Face cache and nothing was installed. "
             "Run the command again; if it repeats, check HF_ENDPOINT (when set).",
-            code="checksum_mismatch",
+            code=ErrorCode.CHECKSUM_MISMATCH,
         )
     model = StoredModel(
         name=name.short,
@@ -473,7 +473,7 @@ def _pull_offline(
             f"cache ({cache}): {why}",
             hint="Unset HF_HUB_OFFLINE to download it, or choose a model that is already here: "
             "stigmer server llm list",
-            code="hf_offline",
+            code=ErrorCode.HF_OFFLINE,
         )
 
     snapshot = _cached_snapshot(folder)

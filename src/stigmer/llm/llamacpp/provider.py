@@ -1,8 +1,9 @@
 """The built-in engine (llama.cpp via xllamacpp), shown to users as "Local (built-in engine)".
 
 It needs no runtime download: the engine ships in the xllamacpp wheel and runs as its own detached
-process (same pid record, log and stop as the downloaded runtime). It serves one model at a time, so a
-change of llm.model restarts it.
+process (same service layer as the downloaded runtime). It serves one model at a time, so a change of
+model restarts it: the new model is checked before the running engine is stopped, and if the new one
+still fails to start, the previous model is served again.
 """
 
 from __future__ import annotations
@@ -12,53 +13,71 @@ import sys
 import urllib.error
 from pathlib import Path
 
-from stigmer.errors import StigmerError
+from stigmer.errors import ErrorCode, StigmerError
+from stigmer.events import STARTING, Event, Reporter
 from stigmer.llm.llamacpp import sources
 from stigmer.llm.llamacpp.starter import STARTER_MODEL, starter_model_path
 from stigmer.llm.llamacpp.store import StoredModel
 from stigmer.llm.names import parse_model_name, same_model
 from stigmer.llm.provider import (
-    STARTING,
-    Event,
+    SERVICE,
     LlmStatus,
-    ManagedServer,
+    LocalRuntime,
+    ModelCatalog,
     ModelInfo,
-    host_port,
-    stop_managed,
+    Provider,
+    stop_llm,
 )
 from stigmer.net import http
-from stigmer.proc.record import ProcessRecord
+from stigmer.net.addresses import host_port
+from stigmer.services.spec import ServiceSpec
 
 PROBE_TIMEOUT = 2.0
 ENGINE_OWNER = "llamacpp"
 
 
-class LlamaCppProvider(ManagedServer):
+class LlamaCppProvider(Provider, LocalRuntime, ModelCatalog):
     name = "llamacpp"
     label = "Local (built-in engine)"
     noun = "Local LLM (built-in engine)"
 
     # -- running? ----------------------------------------------------------------------------------
     def served_model(self) -> str | None:
-        """The alias our engine serves on base_url; None when nothing listens; an error for a stranger."""
+        """The model our engine serves on base_url; None when nothing listens; an error for a stranger,
+        including a built-in engine that this STIGMER_HOME did not start (another home's)."""
         try:
             with http.request(self.url("/v1/models"), timeout=PROBE_TIMEOUT) as resp:
                 body = resp.read(64 * 1024)
                 server = resp.headers.get("Server", "")
         except urllib.error.HTTPError as e:
-            if e.code == 503:  # our engine, still loading its model
+            if e.code == 503 and self.managed_record() is not None:  # ours, still loading its model
                 return self._record_model()
             raise self.port_busy(f"HTTP {e.code} {e.reason}") from None
         except (urllib.error.URLError, OSError):
             return None
         try:
-            data = json.loads(body)
-            entry = data["data"][0]
-            if entry.get("owned_by") == ENGINE_OWNER:
-                return str(entry["id"])
+            entry = json.loads(body)["data"][0]
+            ours = entry.get("owned_by") == ENGINE_OWNER
+            served = str(entry["id"])
         except (ValueError, KeyError, IndexError, TypeError, AttributeError):
-            pass
-        raise self.port_busy(f"HTTP 200 from {server or 'an unknown server'}, not the built-in engine")
+            ours, served = False, ""
+        if not ours:
+            raise self.port_busy(f"HTTP 200 from {server or 'an unknown server'}, not the built-in engine")
+        if self.managed_record() is None:
+            host, port = host_port(self.base_url)
+            raise StigmerError(
+                f"Port {port} on {host} is used by a built-in engine that this Stigmer home "
+                f"({self.paths.home}) did not start; it is not reused.",
+                hint="Another STIGMER_HOME (or another user) runs it. Stop it from there "
+                "(STIGMER_HOME=... stigmer server stop), or choose another port:\n"
+                f"  stigmer config set {self._url_key} http://127.0.0.1:{port + 1}",
+                code=ErrorCode.PORT_IN_USE,
+            )
+        return served
+
+    @property
+    def _url_key(self) -> str:
+        return "llm.base_url" if self.base_url == self.settings.llm.base_url else "llm.fallback_base_url"
 
     def _record_model(self) -> str | None:
         rec = self.managed_record()
@@ -68,41 +87,45 @@ class LlamaCppProvider(ManagedServer):
         return self.served_model() is not None
 
     # -- runtime: the engine ships with the product; what must be present is the model ---------------
-    def ensure_runtime(self) -> None:
-        self._model_file(self.settings.model)
+    def ensure_runtime(self, report: Reporter) -> None:
+        self._model_file(self.model, report)
 
-    def _model_file(self, model: str) -> StoredModel:
-        return sources.ensure(self.paths, self.settings, model, self.report)
+    def _model_file(self, model: str, report: Reporter) -> StoredModel:
+        return sources.ensure(self.paths, self.settings, model, report)
 
     def engine_argv(self, model: StoredModel) -> list[str]:
         from stigmer.llm.llamacpp.engine import default_context_size, default_threads, engine_argv
 
         host, port = host_port(self.base_url)
-        ctx = int(self.settings.get("llm.context_size")) or default_context_size()
-        threads = int(self.settings.get("llm.threads")) or default_threads()
         return engine_argv(
             sys.executable,
             model_path=Path(model.path),
             alias=model.name,
             host=host,
             port=port,
-            ctx_size=ctx,
-            threads=threads,
+            ctx_size=self.settings.llm.context_size or default_context_size(),
+            threads=self.settings.llm.threads or default_threads(),
+            origins=self.settings.llm.origins,
         )
 
-    def start(self) -> ProcessRecord:
-        model = self._model_file(self.settings.model)
-        host, _port = host_port(self.base_url)
-        from stigmer.llm.llamacpp.engine import is_loopback_host
+    def engine_env(self, environ: dict[str, str] | None = None) -> dict[str, str]:
+        from stigmer.services.env import GPU, PYTHON, child_env
 
-        if not is_loopback_host(host):
-            raise StigmerError(
-                f"The built-in engine only listens on this machine, not on {host}.",
-                hint="Use a loopback address: stigmer config set llm.base_url http://127.0.0.1:11435",
-                code="config_invalid",
-            )
-        self.report(Event(STARTING, "Starting local LLM server (built-in engine)"))
-        return self.launch(self.engine_argv(model), self.child_env(), self._healthy, timeout=60)
+        return child_env(PYTHON, GPU, environ=environ)
+
+    def service_spec(self, report: Reporter, model: str | None = None) -> ServiceSpec:
+        stored = self._model_file(model or self.model, report)
+        report(Event(STARTING, "Starting local LLM server (built-in engine)"))
+        return ServiceSpec(
+            name=SERVICE,
+            argv=self.engine_argv(stored),
+            env=self.engine_env(),
+            ready=self._healthy,
+            what="Local LLM server (built-in engine)",
+            address=host_port(self.base_url),
+            ready_timeout=60,
+            info={"provider": self.name, "base_url": self.base_url, "model": stored.name, **self.extra},
+        )
 
     def _healthy(self) -> bool:
         try:
@@ -111,21 +134,31 @@ class LlamaCppProvider(ManagedServer):
         except (urllib.error.URLError, OSError):
             return False
 
-    def ensure_model(self, model: str) -> None:
+    def ensure_model(self, model: str, report: Reporter) -> None:
+        """Serve `model`: fetch and check it while the running engine keeps serving, then switch; if the
+        new model will not start, serve the previous one again and say why."""
         served = self.served_model()
         if served is not None and same_model(served, model):
             return
-        self._model_file(model)  # fetch first: the running engine keeps serving meanwhile
-        if served is not None:
-            if self.managed_record() is None:
-                raise StigmerError(
-                    f"The built-in engine on {self.base_url} serves {served}, not {model}, "
-                    "and was not started by Stigmer.",
-                    code="port_in_use",
-                    hint="Stop it, then run: stigmer server",
-                )
-            stop_managed(self.paths)
-        self.start()
+        check_model(self._model_file(model, report))
+        if served is None:
+            self.start(report, model)
+            return
+        stop_llm(self.paths)
+        try:
+            self.start(report, model)
+        except StigmerError as e:
+            try:
+                self.start(report, served)
+            except StigmerError:
+                back = f"and {served} could not be started again either: run  stigmer server"
+            else:
+                back = f"{served} is served again"
+            raise StigmerError(
+                f"The built-in engine could not serve {model} ({e.message.rstrip('.')}); {back}.",
+                hint=e.hint,
+                code=e.code,
+            ) from None
 
     # -- models ------------------------------------------------------------------------------------
     def list_models(self) -> list[ModelInfo]:
@@ -133,40 +166,49 @@ class LlamaCppProvider(ManagedServer):
         sources.starter(store)
         return [ModelInfo(m.name, m.size, m.modified, m.sha256, m.source) for m in store.list()]
 
-    def pull(self, model: str) -> None:
-        self._model_file(model)
+    def pull(self, model: str, report: Reporter) -> None:
+        self._model_file(model, report)
 
     def remove(self, model: str) -> None:
+        parse_model_name(model)
         if same_model(model, STARTER_MODEL):
             raise StigmerError(
                 f"{STARTER_MODEL} is the built-in starter model and cannot be removed.",
-                code="remove_failed",
+                code=ErrorCode.UNSUPPORTED,
                 hint="It ships with Stigmer so that a local LLM always works.",
             )
-        parse_model_name(model)
+        rec = self.managed_record()
+        if rec is not None and same_model(str(rec.info.get("model", "")), model):
+            raise StigmerError(
+                f"Model {model} is being served by the Local LLM (PID {rec.pid}) and cannot be removed.",
+                hint="Stop the server first (stigmer server stop), or switch to another model:\n"
+                "  stigmer config set llm.model OTHER && stigmer server",
+                code=ErrorCode.MODEL_IN_USE,
+            )
         removed = sources.store_for(self.paths).remove(model)
         if removed is None:
             raise StigmerError(
                 f"Model {model} is not installed.",
-                code="model_not_found",
+                code=ErrorCode.MODEL_NOT_FOUND,
                 hint="See installed models: stigmer server llm list",
             )
 
     # -- status ------------------------------------------------------------------------------------
     def status(self) -> LlmStatus:
         rec = self.managed_record()
+        notes: list[str] = []
         try:
             served = self.served_model()
-        except StigmerError:
+        except StigmerError as e:
             served = None
+            notes.append(e.message)
         store = sources.store_for(self.paths)
         available = [m.name for m in store.list()]
         if STARTER_MODEL not in available and starter_model_path() is not None:
             available.insert(0, STARTER_MODEL)
-        model = served or self.settings.model
-        notes: list[str] = []
-        if served and not same_model(served, self.settings.model):
-            notes.append(f"configured model {self.settings.model} is not served yet; run: stigmer server")
+        model = served or self.model
+        if served and not same_model(served, self.model):
+            notes.append(f"configured model {self.model} is not served yet; run: stigmer server")
         return LlmStatus(
             provider=self.name,
             label=self.label,
@@ -179,3 +221,23 @@ class LlamaCppProvider(ManagedServer):
             base_url=self.base_url,
             notes=notes,
         )
+
+
+def check_model(model: StoredModel) -> None:
+    """A model file the engine can load: its GGUF header and tensor data are whole."""
+    from stigmer.llm.gguf import GgufError, validate_file
+
+    try:
+        validate_file(Path(model.path))
+    except GgufError as e:
+        raise StigmerError(
+            f"Model {model.name} cannot be served: {model.path} is not a usable GGUF file ({e}).",
+            hint=f"Remove it (stigmer server llm rm {model.name}) and pull or import it again.",
+            code=ErrorCode.INVALID_MODEL_FILE,
+        ) from None
+    except OSError as e:
+        raise StigmerError(
+            f"Model {model.name} cannot be read: {e.strerror or e} ({model.path}).",
+            hint="Check the file, or pull the model again.",
+            code=ErrorCode.INVALID_MODEL_FILE,
+        ) from None

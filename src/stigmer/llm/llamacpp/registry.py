@@ -26,10 +26,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from stigmer.errors import IntegrityError, NetworkUnreachable, StigmerError
+from stigmer.errors import ErrorCode, IntegrityError, NetworkUnreachable, StigmerError
+from stigmer.events import INSTALLING, Event, Reporter
 from stigmer.llm.llamacpp.store import ModelStore, StoredModel
 from stigmer.llm.names import DEFAULT_HOST, ModelName
-from stigmer.llm.provider import INSTALLING, Event, Reporter
 from stigmer.net import http, parts
 from stigmer.net.download import check_disk, human_bytes
 
@@ -95,7 +95,7 @@ def pull_from_registry(
             f"Model {name} has {len(models)} model layers in the registry; expected one.",
             hint="This kind of model (an adapter or multi-file model) is not supported by "
             "the built-in engine; use the ollama provider for it.",
-            code="model_unsupported",
+            code=ErrorCode.UNSUPPORTED,
         )
     model = models[0]
     small = [layer for layer in layers if layer.media_type in (TEMPLATE, PARAMS)]
@@ -188,7 +188,7 @@ def fetch_manifest(name: ModelName, url: str) -> list[Layer]:
             f"Could not reach the model registry {http.redact(url)} to pull {name}: {http.describe(e)}.",
             hint="Check your connection (and HTTPS_PROXY). If the registry is blocked on your network, use "
             "a mirror: stigmer config set llm.registry_url URL",
-            code="network_unreachable",
+            code=ErrorCode.NETWORK_UNREACHABLE,
         ) from None
     try:
         if len(raw) > MAX_MANIFEST:
@@ -199,7 +199,7 @@ def fetch_manifest(name: ModelName, url: str) -> list[Layer]:
         raise StigmerError(
             f"The registry sent an unreadable manifest for {name} ({e}).",
             hint="Check llm.registry_url points at an Ollama-compatible registry.",
-            code="registry_bad_manifest",
+            code=ErrorCode.REGISTRY_BAD_MANIFEST,
         ) from None
 
 
@@ -219,24 +219,24 @@ def _manifest_error(name: ModelName, url: str, e: urllib.error.HTTPError) -> Sti
             f"Model {name} was not found in the model registry ({where}).",
             hint="Check the model name and tag (e.g. qwen2.5-coder:7b); the models on the "
             "default registry are listed at https://ollama.com/library.",
-            code="model_not_found",
+            code=ErrorCode.MODEL_NOT_FOUND,
         )
     if e.code in (401, 403):
         return StigmerError(
             f"The model registry ({where}) refused access to {name} (HTTP {e.code}).",
             hint="Private models are not supported by the built-in engine; check the name.",
-            code="registry_denied",
+            code=ErrorCode.ACCESS_DENIED,
         )
     if e.code >= 500 or e.code == 429:
         return NetworkUnreachable(
             f"The model registry ({where}) is unavailable: HTTP {e.code}.",
             hint=MIRROR_HINT,
-            code="registry_unavailable",
+            code=ErrorCode.REGISTRY_UNAVAILABLE,
         )
     return StigmerError(
         f"The model registry ({where}) answered HTTP {e.code} for {name}.",
         hint="Check llm.registry_url (stigmer config list).",
-        code="registry_error",
+        code=ErrorCode.REGISTRY_ERROR,
     )
 
 
@@ -249,7 +249,7 @@ def _fetch_small(name: ModelName, registry_url: str, layer: Layer, report: Repor
     if layer.size > MAX_SMALL_LAYER:
         raise StigmerError(
             f"Layer {layer.digest} of {name} is too large ({human_bytes(layer.size)}).",
-            code="registry_bad_manifest",
+            code=ErrorCode.REGISTRY_BAD_MANIFEST,
             hint="Check llm.registry_url.",
         )
     url = blob_url(name, registry_url, layer.digest)
@@ -266,7 +266,7 @@ def _fetch_small(name: ModelName, registry_url: str, layer: Layer, report: Repor
                 raise StigmerError(
                     f"Pulling {name} failed: the registry answered HTTP {e.code} for layer {layer.digest}.",
                     hint=MIRROR_HINT,
-                    code="download_http_error",
+                    code=ErrorCode.DOWNLOAD_HTTP_ERROR,
                 ) from None
             reason = f"HTTP {e.code}"
         except (urllib.error.URLError, OSError) as e:
@@ -275,7 +275,7 @@ def _fetch_small(name: ModelName, registry_url: str, layer: Layer, report: Repor
             raise NetworkUnreachable(
                 f"Pulling {name} failed: {reason} while fetching layer {layer.digest}.",
                 hint=MIRROR_HINT,
-                code="download_failed",
+                code=ErrorCode.DOWNLOAD_FAILED,
             )
         time.sleep(parts.backoff(attempt))
     got = hashlib.sha256(data).hexdigest()
@@ -285,7 +285,7 @@ def _fetch_small(name: ModelName, registry_url: str, layer: Layer, report: Repor
             f"{layer.hex} ({layer.size} bytes), got {got} ({len(data)} bytes).",
             hint="Nothing was installed. Run the command again; if it repeats, check the "
             "registry or mirror (llm.registry_url).",
-            code="checksum_mismatch",
+            code=ErrorCode.CHECKSUM_MISMATCH,
         )
     report(Event(INSTALLING, label, key=layer.digest, done=layer.size, total=layer.size))
     return data
@@ -299,7 +299,7 @@ def _params(name: ModelName, data: bytes) -> dict[str, Any]:
     if not isinstance(params, dict):
         raise StigmerError(
             f"The params layer of {name} is not a JSON object.",
-            code="registry_bad_manifest",
+            code=ErrorCode.REGISTRY_BAD_MANIFEST,
             hint="Check llm.registry_url points at an Ollama-compatible registry.",
         )
     return params

@@ -8,17 +8,16 @@ import os
 from pathlib import Path
 
 from stigmer.config.store import Settings
-from stigmer.errors import StigmerError
+from stigmer.errors import ErrorCode, StigmerError
+from stigmer.events import INSTALLING, Event, Reporter, silent
 from stigmer.llm.llamacpp.starter import STARTER_MODEL, starter_model_path
 from stigmer.llm.llamacpp.store import ModelStore, StoredModel
 from stigmer.llm.names import ModelName, parse_model_name
-from stigmer.llm.provider import INSTALLING, Event, Reporter, silent
 from stigmer.paths import Paths
 
 MODEL_LAYER = "application/vnd.ollama.image.model"
 TEMPLATE_LAYER = "application/vnd.ollama.image.template"
 PARAMS_LAYER = "application/vnd.ollama.image.params"
-GGUF_MAGIC = b"GGUF"
 
 
 def store_for(paths: Paths) -> ModelStore:
@@ -142,6 +141,44 @@ def _json_or_none(text: str | None) -> dict[str, object] | None:
 
 
 # -- a local file ------------------------------------------------------------------------------------
+def check_importable(src: Path) -> None:
+    """A regular file holding a whole GGUF model; otherwise an error that says what the path really is."""
+    import stat
+
+    from stigmer.llm.gguf import GgufError, validate_file
+
+    try:
+        mode = src.stat().st_mode
+    except FileNotFoundError:
+        raise StigmerError(
+            f"No such file: {src}", code=ErrorCode.NOT_FOUND, hint="Give the path of a .gguf file."
+        ) from None
+    except OSError as e:
+        raise StigmerError(
+            f"Cannot read {src}: {e.strerror}.", code=ErrorCode.FILESYSTEM, hint="Check its permissions."
+        ) from None
+    if stat.S_ISDIR(mode):
+        raise StigmerError(
+            f"{src} is a folder, not a model file.",
+            code=ErrorCode.INVALID_INPUT,
+            hint="Give the path of the .gguf file inside it.",
+        )
+    if not stat.S_ISREG(mode):
+        raise StigmerError(
+            f"{src} is not a regular file (a pipe, socket or device), so it cannot be imported.",
+            code=ErrorCode.INVALID_INPUT,
+            hint="Give the path of a .gguf file.",
+        )
+    try:
+        validate_file(src)
+    except GgufError as e:
+        raise StigmerError(
+            f"{src} is not a GGUF model file the engine can use: {e}.",
+            code=ErrorCode.INVALID_MODEL_FILE,
+            hint="The built-in engine serves GGUF files (llama.cpp's format); the file may be damaged "
+            "or of another format.",
+        ) from None
+
 def import_file(paths: Paths, src: Path, name: str, report: Reporter = silent) -> StoredModel:
     import hashlib
     import tempfile
@@ -149,17 +186,13 @@ def import_file(paths: Paths, src: Path, name: str, report: Reporter = silent) -
     from stigmer.net.download import check_disk
 
     model_name = parse_model_name(name)
-    if not src.is_file():
+    if model_name.key == parse_model_name(STARTER_MODEL).key:
         raise StigmerError(
-            f"No such file: {src}", code="import_failed", hint="Give the path of a .gguf file."
+            f"{STARTER_MODEL} is the name of the built-in starter model; an import cannot replace it.",
+            hint="Import under another name: stigmer server llm import FILE --name mymodel:q4",
+            code=ErrorCode.INVALID_INPUT,
         )
-    with src.open("rb") as f:
-        if f.read(4) != GGUF_MAGIC:
-            raise StigmerError(
-                f"{src} is not a GGUF model file.",
-                code="import_failed",
-                hint="The built-in engine serves GGUF files (llama.cpp's format).",
-            )
+    check_importable(src)
     store = store_for(paths)
     store.blobs.mkdir(parents=True, exist_ok=True)
     size = src.stat().st_size
@@ -215,7 +248,7 @@ def ensure(paths: Paths, settings: Settings, model: str, report: Reporter = sile
 
     return pull_from_registry(
         name,
-        registry_url=str(settings.get("llm.registry_url")),
+        registry_url=settings.llm.registry_url,
         store=store,
         downloads=paths.downloads_dir,
         report=report,

@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from stigmer.errors import StigmerError
+from stigmer.errors import ErrorCode, StigmerError
 from stigmer.fsutil import atomic_write
 from stigmer.llm.names import parse_model_name
 
@@ -71,7 +71,7 @@ class ModelStore:
         except (OSError, ValueError) as e:
             raise StigmerError(
                 f"The model index {self.index_path} is unreadable: {e}.",
-                code="store_corrupt",
+                code=ErrorCode.STORE_CORRUPT,
                 hint=f"Move it away to rebuild it: mv {self.index_path} {self.index_path}.bak",
             ) from e
         models = data.get("models", {}) if isinstance(data, dict) else {}

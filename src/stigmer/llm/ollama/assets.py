@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from stigmer.errors import StigmerError
+from stigmer.errors import ErrorCode, StigmerError
 
 FIRST_ZST = (0, 14, 0)  # .tar.zst from v0.14.0; .tgz before
 FIRST_TGZ = (0, 3, 7)  # bare binaries before v0.3.7
@@ -29,7 +29,7 @@ class Platform:
             raise StigmerError(
                 f"The Local LLM runtime is not available for {system}.",
                 hint="Use the built-in engine instead: stigmer config set llm.provider llamacpp",
-                code="unsupported_platform",
+                code=ErrorCode.UNSUPPORTED,
             )
         arch = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64"}.get(
             machine.lower()
@@ -38,7 +38,7 @@ class Platform:
             raise StigmerError(
                 f"The Local LLM runtime is not available for {machine} CPUs.",
                 hint="Use the built-in engine instead: stigmer config set llm.provider llamacpp",
-                code="unsupported_platform",
+                code=ErrorCode.UNSUPPORTED,
             )
         return cls(sysname, arch)
 

@@ -20,10 +20,10 @@ from pathlib import Path
 
 from stigmer import archive
 from stigmer.config.store import Settings
-from stigmer.errors import IntegrityError, NetworkUnreachable, StigmerError
+from stigmer.errors import ErrorCode, IntegrityError, NetworkUnreachable, StigmerError
+from stigmer.events import INSTALLING, Event, Reporter
 from stigmer.llm.ollama import assets
 from stigmer.llm.ollama.assets import Platform
-from stigmer.llm.provider import INSTALLING, Event, Reporter
 from stigmer.net import download as dl
 from stigmer.net import http
 from stigmer.paths import Paths
@@ -70,8 +70,8 @@ def install(settings: Settings, paths: Paths, report: Reporter, plat: Platform |
 
 
 def _install_locked(settings: Settings, paths: Paths, report: Reporter, plat: Platform, root: Path) -> Path:
-    download_url = str(settings.get("llm.download_url"))
-    wanted = str(settings.get("llm.runtime_version"))
+    download_url = settings.llm.download_url
+    wanted = settings.llm.runtime_version
     asset = assets.asset_name(wanted, plat)
     report(Event(INSTALLING, "Checking the Local LLM release"))
     sums_url = assets.release_url(download_url, wanted, "sha256sum.txt")
@@ -86,7 +86,7 @@ def _install_locked(settings: Settings, paths: Paths, report: Reporter, plat: Pl
             f"The release has no checksum for {asset}: refusing to install an unverified runtime.",
             hint=f"Checked {http.redact(sums_final_url)}. Pin a release that publishes one "
             "(stigmer config set llm.runtime_version X.Y.Z) or fix your mirror.",
-            code="checksum_missing",
+            code=ErrorCode.CHECKSUM_MISSING,
         )
     folder = f"v{version}" if version != "latest" else f"sha256-{expected[:12]}"
     target = root / folder
@@ -108,7 +108,7 @@ def _install_locked(settings: Settings, paths: Paths, report: Reporter, plat: Pl
     if found is None:
         raise StigmerError(
             f"The runtime was installed but {binary} is missing.",
-            code="install_failed",
+            code=ErrorCode.INSTALL_FAILED,
             hint=f"Remove {target} and run the command again.",
         )
     return found
@@ -126,16 +126,16 @@ def _fetch_text(url: str) -> tuple[str, str]:
                 f"The release has no sha256sum.txt ({http.redact(url)} answered 404): refusing to install an "
                 "unverified runtime.",
                 hint="Check llm.runtime_version and llm.download_url (stigmer config list).",
-                code="checksum_missing",
+                code=ErrorCode.CHECKSUM_MISSING,
             ) from e
         raise StigmerError(
             f"Failed to download local LLM: {http.redact(url)} answered HTTP {e.code}.",
-            code="download_http_error",
+            code=ErrorCode.DOWNLOAD_HTTP_ERROR,
             hint="Try again later.",
         ) from e
     except (urllib.error.URLError, OSError) as e:
         raise NetworkUnreachable(
-            f"Failed to download local LLM: {http.describe(e)}", code="network_unreachable", hint=""
+            f"Failed to download local LLM: {http.describe(e)}", code=ErrorCode.NETWORK_UNREACHABLE, hint=""
         ) from e
 
 
@@ -150,7 +150,7 @@ def _unpack(archive_path: Path, asset: str, target: Path, root: Path, plat: Plat
             raise StigmerError(
                 f"The downloaded {asset} does not contain the runtime executable.",
                 hint="Nothing was installed. Check your mirror (llm.download_url).",
-                code="install_failed",
+                code=ErrorCode.INSTALL_FAILED,
             )
         if target.exists():  # a folder left by an interrupted earlier attempt without the binary
             shutil.rmtree(target)

@@ -6,26 +6,28 @@ import shutil
 import urllib.error
 from typing import Any
 
-from stigmer.errors import NetworkUnreachable, StigmerError
+from stigmer.errors import ErrorCode, NetworkUnreachable, StigmerError
+from stigmer.events import INSTALLING, STARTING, Event, Reporter
 from stigmer.llm.names import parse_model_name, same_model
 from stigmer.llm.ollama import assets
 from stigmer.llm.provider import (
-    INSTALLING,
-    STARTING,
-    Event,
+    SERVICE,
     LlmStatus,
-    ManagedServer,
+    LocalRuntime,
+    ModelCatalog,
     ModelInfo,
-    host_port,
+    Provider,
     not_running_error,
 )
 from stigmer.net import http
-from stigmer.proc.record import ProcessRecord
+from stigmer.net.addresses import host_port
+from stigmer.services.spec import ServiceSpec
 
 PROBE_TIMEOUT = 2.0
 
 
 def download_failure_hint(paths_bin: str, download_url: str) -> str:
+    """What works when the runtime cannot be downloaded: each way out is a command that does something."""
     host = http.redact(download_url)
     return (
         f"Unable to reach {host}. This could be due to:\n"
@@ -34,19 +36,18 @@ def download_failure_hint(paths_bin: str, download_url: str) -> str:
         "  • A firewall blocking downloads\n"
         "\n"
         "You can:\n"
-        "  1. Check your internet connection and try again (the download resumes where it stopped)\n"
-        "  2. Install the runtime manually from https://ollama.com/download\n"
-        f"     (place the program at {paths_bin})\n"
-        "  3. Use Cloud mode instead: stigmer config set backend.type cloud\n"
-        "\n"
-        "Behind a firewall, download from a mirror with the same layout:\n"
-        "  stigmer config set llm.download_url https://mirror.example.com/ollama/releases\n"
-        "Or use the built-in engine, which needs no download:\n"
-        "  stigmer config set llm.provider llamacpp"
+        "  1. Check your internet connection and run again (the download resumes where it stopped):\n"
+        "       stigmer server\n"
+        "  2. Use the built-in engine, which needs no download:\n"
+        "       stigmer config set llm.provider llamacpp && stigmer server\n"
+        "  3. Download from a mirror with the same layout:\n"
+        "       stigmer config set llm.download_url https://mirror.example.com/ollama/releases\n"
+        "  4. Install the runtime by hand from https://ollama.com/download and place the program at\n"
+        f"       {paths_bin}"
     )
 
 
-class OllamaProvider(ManagedServer):
+class OllamaProvider(Provider, LocalRuntime, ModelCatalog):
     name = "ollama"
     label = "Local"
     noun = "Local LLM"
@@ -81,42 +82,56 @@ class OllamaProvider(ManagedServer):
 
         plat = assets.Platform.current()
         ours = install.installed_binary(self.paths, plat)
-        pinned = str(self.settings.get("llm.runtime_version"))
+        pinned = self.settings.llm.runtime_version
         if ours is not None and pinned != "latest" and install.installed_version(self.paths) != pinned:
             return None
         return str(ours) if ours else None
 
-    def ensure_runtime(self) -> None:
+    def ensure_runtime(self, report: Reporter) -> None:
         if self.runtime_binary():
             return
         from stigmer.llm.ollama import install
 
         try:
-            install.install(self.settings, self.paths, self.report)
+            install.install(self.settings, self.paths, report)
         except NetworkUnreachable as e:
-            e.hint = download_failure_hint(
-                str(self.paths.bin_dir / "ollama"), str(self.settings.get("llm.download_url"))
-            )
+            e.hint = download_failure_hint(str(self.paths.bin_dir / "ollama"), self.settings.llm.download_url)
             raise
 
     # -- process -----------------------------------------------------------------------------------
     def server_argv(self, binary: str) -> list[str]:
         return [binary, "serve"]
 
-    def server_env(self) -> dict[str, str]:
-        host, port = host_port(self.base_url)
-        env = self.child_env()
-        env["OLLAMA_HOST"] = f"{host}:{port}"
-        return env
+    def server_env(self, environ: dict[str, str] | None = None) -> dict[str, str]:
+        """Proxies (it pulls models itself), GPU selection and the user's OLLAMA_* settings; no secrets."""
+        from stigmer.services.env import GPU, PROXY, child_env
 
-    def start(self) -> ProcessRecord:
+        host, port = host_port(self.base_url)
+        return child_env(
+            PROXY, GPU, prefixes=("OLLAMA_",), extra={"OLLAMA_HOST": f"{host}:{port}"}, environ=environ
+        )
+
+    def service_spec(self, report: Reporter, model: str | None = None) -> ServiceSpec:
         binary = self.runtime_binary()
         if binary is None:
-            self.ensure_runtime()
+            self.ensure_runtime(report)
             binary = self.runtime_binary()
         assert binary is not None
-        self.report(Event(STARTING, "Starting local LLM server"))
-        return self.launch(self.server_argv(binary), self.server_env(), self._answers_root)
+        report(Event(STARTING, "Starting local LLM server"))
+        return ServiceSpec(
+            name=SERVICE,
+            argv=self.server_argv(binary),
+            env=self.server_env(),
+            ready=self._answers_root,
+            what="Local LLM server",
+            address=host_port(self.base_url),
+            info={
+                "provider": self.name,
+                "base_url": self.base_url,
+                "model": model or self.model,
+                **self.extra,
+            },
+        )
 
     def _answers_root(self) -> bool:
         try:
@@ -150,14 +165,14 @@ class OllamaProvider(ManagedServer):
     def has_model(self, model: str) -> bool:
         return any(same_model(m.name, model) for m in self.list_models())
 
-    def ensure_model(self, model: str) -> None:
+    def ensure_model(self, model: str, report: Reporter) -> None:
         if not self.has_model(model):
-            self.pull(model)
+            self.pull(model, report)
 
-    def pull(self, model: str) -> None:
+    def pull(self, model: str, report: Reporter) -> None:
         name = parse_model_name(model)  # refuse a bad name before any request
         what = f"model {name}"
-        self.report(Event(INSTALLING, f"Downloading {what}"))
+        report(Event(INSTALLING, f"Downloading {what}"))
         try:
             for line in http.stream_lines(
                 self.url("/api/pull"), {"model": model, "stream": True}, timeout=60
@@ -168,7 +183,7 @@ class OllamaProvider(ManagedServer):
                 digest = line.get("digest")
                 if digest and "total" in line:
                     short = str(digest).removeprefix("sha256:")[:12]
-                    self.report(
+                    report(
                         Event(
                             INSTALLING,
                             f"Downloading {what}: layer {short}",
@@ -178,7 +193,7 @@ class OllamaProvider(ManagedServer):
                         )
                     )
                 elif status and status != "success":
-                    self.report(Event(INSTALLING, f"{what}: {status}"))
+                    report(Event(INSTALLING, f"{what}: {status}"))
         except urllib.error.HTTPError as e:
             raise _pull_error(model, http.error_body(e) or f"HTTP {e.code}") from None
         except (urllib.error.URLError, OSError) as e:
@@ -186,13 +201,13 @@ class OllamaProvider(ManagedServer):
                 raise not_running_error() from None
             raise StigmerError(
                 f"Pulling {model} failed: {http.describe(e)}.",
-                code="pull_failed",
+                code=ErrorCode.PULL_FAILED,
                 hint="Run the command again; finished layers are kept.",
             ) from None
         if not self.has_model(model):
             raise StigmerError(
                 f"Pulling {model} ended but the model is not available.",
-                code="pull_failed",
+                code=ErrorCode.PULL_FAILED,
                 hint="Run the command again.",
             )
 
@@ -205,11 +220,11 @@ class OllamaProvider(ManagedServer):
             if e.code == 404:
                 raise StigmerError(
                     f"Model {model} is not installed.",
-                    code="model_not_found",
+                    code=ErrorCode.MODEL_NOT_FOUND,
                     hint="See installed models: stigmer server llm list",
                 ) from None
             raise StigmerError(
-                f"Removing {model} failed: {http.error_body(e)}", code="remove_failed"
+                f"Removing {model} failed: {http.error_body(e)}", code=ErrorCode.LLM_REQUEST_FAILED
             ) from None
         except (urllib.error.URLError, OSError):
             raise not_running_error() from None
@@ -217,7 +232,7 @@ class OllamaProvider(ManagedServer):
     # -- status ------------------------------------------------------------------------------------
     def status(self) -> LlmStatus:
         rec = self.managed_record()
-        model = self.settings.model
+        model = self.model
         try:
             running = self.is_running()
         except StigmerError:
@@ -249,23 +264,23 @@ def _pull_error(model: str, error: str) -> StigmerError:
     if "file does not exist" in error or "not found" in error:
         return StigmerError(
             f"Model {model} was not found in the model registry.",
-            code="model_not_found",
+            code=ErrorCode.MODEL_NOT_FOUND,
             hint="Check the name and tag (for example qwen2.5-coder:7b).",
         )
     if "invalid model name" in error:
         return StigmerError(
             f"Invalid model name {model!r}.",
-            code="invalid_model_name",
+            code=ErrorCode.INVALID_MODEL_NAME,
             hint="Model names look like qwen2.5-coder:7b.",
         )
     if "digest mismatch" in error:
         return StigmerError(
             f"Pulling {model} failed: the download did not match its checksum ({error}).",
-            code="checksum_mismatch",
+            code=ErrorCode.CHECKSUM_MISMATCH,
             hint="The corrupt data was discarded; run the command again.",
         )
     return StigmerError(
         f"Pulling {model} failed: {error}.",
-        code="pull_failed",
+        code=ErrorCode.PULL_FAILED,
         hint="Run the command again; finished layers are kept.",
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -12,9 +13,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from stigmer.errors import StigmerError
-from stigmer.proc import record as records
-from stigmer.proc.record import ProcessRecord
+from stigmer.errors import ErrorCode, StigmerError
+from stigmer.fsutil import PRIVATE_FILE
+from stigmer.services import record as records
+from stigmer.services.record import ProcessRecord
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +61,11 @@ def start_detached(
     info: dict[str, Any],
     cwd: Path | None = None,
 ) -> tuple[subprocess.Popen[bytes], ProcessRecord]:
-    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     rotate_log(log_path)
     log.debug("starting %s: %s", service, argv)
-    with log_path.open("ab") as out:
+    fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, PRIVATE_FILE)
+    with os.fdopen(fd, "ab") as out:
         try:
             proc = subprocess.Popen(
                 argv,
@@ -78,9 +81,11 @@ def start_detached(
             raise StigmerError(
                 f"Could not start the {service} process {argv[0]}: {e.strerror}.",
                 hint="Check that the file exists and is executable.",
-                code="start_failed",
+                code=ErrorCode.START_FAILED,
             ) from e
     ctime = records.create_time(proc.pid) or time.time()
+    with contextlib.suppress(OSError):
+        log_path.chmod(PRIVATE_FILE)  # a log written by an earlier version may still be 0644
     rec = ProcessRecord(proc.pid, ctime, list(argv), service, info)
     records.write(pid_path, rec)
     return proc, rec

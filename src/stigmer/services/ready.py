@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from stigmer.errors import StigmerError
+from stigmer.errors import ErrorCode, StigmerError
 from stigmer.fsutil import tail
 
 # Poll every 10 ms for the first seconds (servers here are ready in 0.1-0.5 s, and each probe costs
@@ -46,5 +46,5 @@ def _failed(message: str, log_path: Path) -> StigmerError:
     return StigmerError(
         message,
         hint=f"Last lines of {log_path}:\n{shown}\n\nSee the whole log: {log_path}",
-        code="server_start_failed",
+        code=ErrorCode.START_FAILED,
     )

@@ -1,0 +1,223 @@
+"""The settings model: sections of typed, bounded values. The key table (`config get|set|list`, the
+environment variables, the README check) is derived from it, so a setting is declared exactly once.
+
+Each field of a section carries its kind (what values are valid), its documentation and whether it is a
+secret. A key's short name is `<section>.<field>` (`llm.model`); where it lives in config.yaml follows the
+original CLI's layout (`backend.local.llm.model`); its environment variable is `STIGMER_LLM_MODEL`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+from stigmer.config.kinds import (
+    Address,
+    Boolean,
+    Choice,
+    Integer,
+    Kind,
+    Model,
+    Patterns,
+    Text,
+    Url,
+    Value,
+    Version,
+)
+
+LOCAL_PROVIDERS = ("ollama", "llamacpp")
+PROVIDERS = LOCAL_PROVIDERS
+
+# Provider defaults for llm.model and llm.base_url, used while the user has not set them (so that a
+# switch of provider brings its own port and model along).
+PROVIDER_DEFAULTS: dict[str, dict[str, str]] = {
+    "ollama": {"model": "qwen2.5-coder:7b", "base_url": "http://127.0.0.1:11434"},
+    "llamacpp": {"model": "smollm2:135m", "base_url": "http://127.0.0.1:11435"},
+}
+
+
+def setting(default: Value, kind: Kind, doc: str, *, secret: bool = False, env: str = "") -> Any:
+    """A section field with what the key table needs to know about it."""
+    return field(default=default, metadata={"kind": kind, "doc": doc, "secret": secret, "env": env})
+
+
+@dataclass(frozen=True)
+class BackendSettings:
+    type: str = setting(
+        "local", Choice(("local", "cloud")), "Where agents run: local (this machine) or cloud."
+    )
+
+
+@dataclass(frozen=True)
+class LlmSettings:
+    provider: str = setting(
+        "ollama",
+        Choice(PROVIDERS),
+        "Local LLM engine: ollama (downloaded runtime) or llamacpp (built-in engine, works offline).",
+    )
+    model: str = setting(
+        "",
+        Model(),
+        "Model to serve. Empty means the provider's default (ollama: qwen2.5-coder:7b, "
+        "llamacpp: smollm2:135m).",
+    )
+    base_url: str = setting(
+        "",
+        Url(path=True, empty=True),
+        "Where the LLM listens. Empty means the provider's default (ollama: http://127.0.0.1:11434, "
+        "llamacpp: http://127.0.0.1:11435). A local provider takes http://HOST:PORT with no path.",
+    )
+    api_key: str = setting(
+        "", Text("an API key"), "API key for a remote provider (never printed).", secret=True
+    )
+    download_url: str = setting(
+        "https://github.com/ollama/ollama/releases",
+        Url(path=True),
+        "Where the Local LLM runtime is downloaded from; a mirror must use GitHub's release layout.",
+    )
+    runtime_version: str = setting(
+        "latest", Version(), "Local LLM runtime version to install: latest, or a pinned version like 0.33.0."
+    )
+    registry_url: str = setting(
+        "https://registry.ollama.ai",
+        Url(path=True),
+        "Model registry the built-in engine pulls from (a mirror works the same).",
+    )
+    context_size: int = setting(
+        0,
+        Integer(512, 1_048_576, auto=True),
+        "Built-in engine context window in tokens; 0 picks one for this machine.",
+    )
+    threads: int = setting(
+        0, Integer(1, 256, auto=True), "Built-in engine CPU threads; 0 picks one per physical core."
+    )
+    offline_fallback: bool = setting(
+        True,
+        Boolean(),
+        "When the runtime cannot be downloaded (no network), serve the best local model with the "
+        "built-in engine instead.",
+    )
+    fallback_base_url: str = setting(
+        "http://127.0.0.1:11435",
+        Url(),
+        "Where the built-in engine listens when it stands in for the runtime (offline fallback).",
+    )
+    origins: tuple[str, ...] = setting(
+        (),
+        Patterns(),
+        "Web origins (besides this machine's) allowed to call the built-in engine from a browser, "
+        "comma-separated; like OLLAMA_ORIGINS.",
+    )
+
+    @property
+    def is_local(self) -> bool:
+        return self.provider in LOCAL_PROVIDERS
+
+
+@dataclass(frozen=True)
+class TemporalSettings:
+    managed: bool = setting(
+        True, Boolean(), "Start and stop a local Temporal dev server with the Stigmer server."
+    )
+    address: str = setting("localhost:7233", Address(), "Temporal frontend address.")
+
+
+@dataclass(frozen=True)
+class CloudSettings:
+    endpoint: str = setting("", Url(path=True, empty=True), "Stigmer Cloud endpoint.")
+    token: str = setting("", Text("a token"), "Stigmer Cloud token (never printed).", secret=True)
+
+
+# Section name -> (its class, where it lives in config.yaml).
+SECTIONS: dict[str, tuple[type, tuple[str, ...]]] = {
+    "backend": (BackendSettings, ("backend",)),
+    "llm": (LlmSettings, ("backend", "local", "llm")),
+    "temporal": (TemporalSettings, ("backend", "local", "temporal")),
+    "cloud": (CloudSettings, ("backend", "cloud")),
+}
+
+
+@dataclass(frozen=True)
+class Key:
+    name: str  # short form used on the command line: llm.model
+    section: str
+    field: str
+    path: tuple[str, ...]  # where it lives in config.yaml
+    default: Value
+    kind: Kind
+    doc: str
+    secret: bool
+    env: str  # STIGMER_LLM_MODEL
+
+    @property
+    def valid(self) -> str:
+        return self.kind.valid
+
+    def parse(self, raw: object) -> Value:
+        """The typed value, or ValueError saying what is valid."""
+        return self.kind.parse(raw)
+
+
+def _keys() -> tuple[Key, ...]:
+    keys = []
+    for section, (cls, path) in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            name = f"{section}.{f.name}"
+            keys.append(
+                Key(
+                    name=name,
+                    section=section,
+                    field=f.name,
+                    path=(*path, f.name),
+                    default=cast(Value, f.default),
+                    kind=f.metadata["kind"],
+                    doc=f.metadata["doc"],
+                    secret=f.metadata["secret"],
+                    env=f.metadata["env"] or "STIGMER_" + name.upper().replace(".", "_"),
+                )
+            )
+    return tuple(keys)
+
+
+KEYS: tuple[Key, ...] = _keys()
+BY_NAME: dict[str, Key] = {k.name: k for k in KEYS}
+
+# Left out of a new config.yaml so that they follow llm.provider until the user sets them.
+FOLLOW_PROVIDER = ("llm.model", "llm.base_url")
+
+
+def check(values: dict[str, Value]) -> tuple[str, str] | None:
+    """Rules across keys: (key, why) for the first one broken, else None. `values` are effective."""
+    from stigmer.config.kinds import split_url
+
+    if values["llm.provider"] in LOCAL_PROVIDERS:
+        for name in ("llm.base_url", "llm.fallback_base_url"):
+            url = split_url(str(values[name]))
+            if url.scheme != "http":
+                return name, (
+                    f"must start with http:// for the local provider {values['llm.provider']} "
+                    "(local servers do not speak https)"
+                )
+            if url.path.strip("/"):
+                return name, f"must not have a path ({url.path}) for a local provider: use http://HOST:PORT"
+        if values["llm.provider"] == "llamacpp" and not _loopback(str(values["llm.base_url"])):
+            return (
+                "llm.base_url",
+                "must be a loopback address (the built-in engine only listens on this machine)",
+            )
+        if not _loopback(str(values["llm.fallback_base_url"])):
+            return (
+                "llm.fallback_base_url",
+                "must be a loopback address (the built-in engine only listens locally)",
+            )
+        if values["llm.base_url"] == values["llm.fallback_base_url"] and values["llm.provider"] == "ollama":
+            return "llm.fallback_base_url", "must differ from llm.base_url (the runtime comes back there)"
+    return None
+
+
+def _loopback(url: str) -> bool:
+    from stigmer.config.kinds import split_url
+    from stigmer.net.addresses import is_loopback_host
+
+    return is_loopback_host(split_url(url).hostname or "")

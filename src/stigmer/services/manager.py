@@ -1,0 +1,124 @@
+"""The service layer: start, stop and inspect the product's processes, each with a pid record in
+run/<name>.pid and a log in logs/<name>.log.
+
+Starting spawns the process detached (its own session, surviving the terminal), records its identity,
+and waits for its readiness probe; a start that fails stops what it spawned and removes only the record
+it wrote itself. Stopping sends SIGTERM to the process group, waits up to the spec's deadline, then
+SIGKILL. A record that does not name our live process is never acted on.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from stigmer.errors import ErrorCode, StigmerError
+from stigmer.paths import Paths
+from stigmer.services import record as records
+from stigmer.services.record import ProcessRecord
+from stigmer.services.spec import ServiceSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServiceState:
+    name: str
+    running: bool
+    pid: int | None = None
+    started: float | None = None  # epoch seconds
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class Services:
+    def __init__(self, paths: Paths) -> None:
+        self.paths = paths
+
+    def _record_paths(self, name: str) -> list[Path]:
+        found = [self.paths.pid_file(name)]
+        if name == "llm":
+            found.append(self.paths.legacy_llm_pid)  # written by versions before the service layer
+        return found
+
+    def record(self, name: str) -> ProcessRecord | None:
+        """Our live process for this service, or None (stale records are removed on the way)."""
+        for path in self._record_paths(name):
+            rec = records.live_record(path)
+            if rec is not None:
+                return rec
+        return None
+
+    def state(self, name: str) -> ServiceState:
+        rec = self.record(name)
+        if rec is None:
+            return ServiceState(name, False)
+        return ServiceState(name, True, rec.pid, rec.create_time, dict(rec.info))
+
+    def start(self, spec: ServiceSpec) -> ProcessRecord:
+        """Spawn the service and wait until it is ready; on any failure leave nothing behind."""
+        from stigmer.net.addresses import port_in_use
+        from stigmer.services import ready, spawn
+
+        if spec.address is not None and port_in_use(*spec.address):
+            raise port_held(spec)
+        self.paths.ensure(self.paths.run_dir, self.paths.logs_dir)
+        log_path = self.paths.log_file(spec.name)
+        pid_path = self.paths.pid_file(spec.name)
+        proc, rec = spawn.start_detached(
+            list(spec.argv),
+            env=spec.env,
+            log_path=log_path,
+            pid_path=pid_path,
+            service=spec.name,
+            info=dict(spec.info),
+            cwd=spec.cwd,
+        )
+        try:
+            ready.wait_ready(
+                spec.ready, proc=proc, what=spec.label, log_path=log_path, timeout=spec.ready_timeout
+            )
+        except BaseException as e:
+            # Never leave a half-started service behind (also on Ctrl-C).
+            spawn.stop(rec, timeout=5)
+            _reap(proc)
+            records.remove_if(pid_path, rec)
+            if isinstance(e, StigmerError) and spec.address is not None and port_in_use(*spec.address):
+                raise port_held(spec) from None  # it died because someone else took the port meanwhile
+            raise
+        log.info("%s started (pid %d)", spec.name, rec.pid)
+        return rec
+
+    def stop(self, name: str, *, timeout: float = 10.0) -> ProcessRecord | None:
+        """Stop our process for this service; None when there was none."""
+        from stigmer.services import spawn
+
+        stopped = None
+        for path in self._record_paths(name):
+            rec = records.live_record(path)
+            if rec is None:
+                continue
+            spawn.stop(rec, timeout=timeout)
+            records.remove_if(path, rec)
+            stopped = stopped or rec
+        return stopped
+
+
+def port_held(spec: ServiceSpec) -> StigmerError:
+    assert spec.address is not None
+    host, port = spec.address
+    return StigmerError(
+        f"Port {port} on {host} is held by another program, so {spec.label} cannot listen there.",
+        hint=f"Nothing was stopped. Find it with  lsof -i :{port}  (or  ss -ltnp | grep {port}), stop it, "
+        "or choose another port in the settings (stigmer config list).",
+        code=ErrorCode.PORT_IN_USE,
+    )
+
+
+def _reap(proc: subprocess.Popen[bytes]) -> None:
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        proc.kill()

@@ -1,0 +1,78 @@
+"""What the CLI prints under awkward conditions: pipes that close, terminals that cannot show ✓, bad -n
+values, absurd names, and --json output that must stay parseable."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+from stigmer.paths import Paths
+from tests.conftest import run_cli, stigmer_exe
+
+
+def _log(paths: Paths, lines: int) -> None:
+    paths.logs_dir.mkdir(parents=True)
+    paths.log_file("llm").write_text("".join(f"line {i}\n" for i in range(lines)))
+
+
+def test_logs_line_counts(isolated_home: Paths) -> None:
+    _log(isolated_home, 200_000)  # more than one read-back block
+    r = run_cli("server", "logs", "-n", "3")
+    assert r.stdout.splitlines() == ["line 199997", "line 199998", "line 199999"]
+    r = run_cli("server", "logs", "-n", "5000")
+    assert len(r.stdout.splitlines()) == 5000 and r.stdout.splitlines()[0] == "line 195000"
+    r = run_cli("server", "logs", "-n", "0")
+    assert r.returncode == 0 and r.stdout == ""  # as tail -n 0: nothing
+    for bad in ("-5", "x", "99999999"):
+        r = run_cli("server", "logs", "-n", bad)
+        assert r.returncode == 2 and "usage:" in r.stderr and r.stdout == ""
+
+
+def test_closed_pipe_ends_quietly(isolated_home: Paths) -> None:
+    _log(isolated_home, 100_000)
+    env = dict(os.environ)
+    cmd = [*stigmer_exe(), "server", "logs", "-n", "100000"]
+    producer = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    assert producer.stdout is not None
+    first = producer.stdout.readline()
+    producer.stdout.close()  # what `| head -1` does
+    _out, err = producer.communicate(timeout=30)
+    assert first == b"line 0\n"
+    assert producer.returncode == 0 and err == b""
+
+
+def test_ascii_terminal_gets_ascii_markers(isolated_home: Paths) -> None:
+    r = run_cli("server", "llm", "status", env={"PYTHONIOENCODING": "ascii"})
+    assert r.returncode == 0, r.stderr
+    assert "[x] Not Running" in r.stdout and "bug in Stigmer" not in r.stderr
+    r = run_cli("config", "set", "llm.model", "llama3.2", env={"PYTHONIOENCODING": "ascii"})
+    assert r.returncode == 0 and r.stdout.startswith("[ok] Configuration updated")
+
+
+def test_absurdly_long_model_name_says_too_long(isolated_home: Paths) -> None:
+    name = "m" * 5000
+    for args in (("server", "llm", "pull", name), ("config", "set", "llm.model", name)):
+        r = run_cli(*args)
+        assert r.returncode in (2, 3) and "too long" in r.stderr
+        assert len(r.stderr) < 1000  # the name is not echoed whole (the bug: 10 KB, twice)
+
+
+def test_status_json_is_clean_on_stdout(isolated_home: Paths) -> None:
+    r = run_cli("server", "llm", "status", "--json")
+    data = json.loads(r.stdout)  # nothing but the document on stdout
+    assert data["running"] is False and data["provider"] == "ollama"
+
+
+def test_relative_stigmer_home_is_made_absolute(tmp_path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    env = {**os.environ, "STIGMER_HOME": "rel-home"}
+    subprocess.run(
+        [*stigmer_exe(), "config", "set", "llm.model", "llama3.2"], cwd=tmp_path / "a", env=env, check=True
+    )
+    path = subprocess.run(
+        [*stigmer_exe(), "config", "path"], cwd=tmp_path / "b", env=env, capture_output=True, text=True
+    )
+    assert path.stdout.strip() == str(tmp_path / "b" / "rel-home" / "config.yaml")  # absolute
+    assert Paths.from_env({"STIGMER_HOME": "rel-home"}).home.is_absolute()
