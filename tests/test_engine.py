@@ -24,9 +24,9 @@ from stigmer.llm.llamacpp.engine import (
     default_context_size,
     default_threads,
     engine_argv,
-    is_loopback_host,
 )
 from stigmer.llm.llamacpp.starter import STARTER_MODEL, starter_model_path
+from stigmer.net.addresses import is_loopback_host
 
 ALIAS = STARTER_MODEL
 STARTUP_DEADLINE = 30.0  # loads in ~0.5 s here; generous for a loaded CI machine

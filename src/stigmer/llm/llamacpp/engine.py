@@ -2,7 +2,9 @@
 
 Run as ``python -m stigmer.llm.llamacpp.engine --model PATH --alias NAME --host 127.0.0.1 --port N``.
 It serves the OpenAI-compatible API (``/v1/chat/completions`` incl. SSE streaming, ``/v1/models``)
-and ``/health`` (503 while the model loads, 200 once it can answer) until SIGTERM or SIGINT.
+and ``/health`` until SIGTERM or SIGINT. llama.cpp itself listens on an internal loopback port behind a
+random key; the public port is a guard (proxy.py) that refuses foreign Host headers and web origins
+that are not allowed (``--allow-origin``, repeatable), as Ollama does.
 
 The process management around it (detaching, pid records, logs, readiness polling, stop) lives
 elsewhere and treats this module as an opaque command line built by :func:`engine_argv`.
@@ -14,15 +16,19 @@ Exit codes: 0 stopped by a signal, 1 could not start (port busy, bad model, engi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
-import ipaddress
 import os
+import secrets
 import signal
 import socket
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import FrameType
+
+from stigmer.net.addresses import is_loopback_host
 
 MODULE = "stigmer.llm.llamacpp.engine"
 
@@ -35,6 +41,10 @@ GGUF_MAGIC = b"GGUF"
 MAX_DEFAULT_THREADS = 8
 
 
+MAX_THREADS = 1024
+MAX_CTX = 1 << 20
+
+
 def engine_argv(
     python: str,
     *,
@@ -44,8 +54,10 @@ def engine_argv(
     port: int,
     ctx_size: int,
     threads: int,
+    origins: Sequence[str] = (),
 ) -> list[str]:
     """The command line that runs the engine; pure, so it is unit-tested without running anything."""
+    extra = [a for origin in origins for a in ("--allow-origin", origin)]
     return [
         python,
         "-m",
@@ -62,6 +74,7 @@ def engine_argv(
         str(ctx_size),
         "--threads",
         str(threads),
+        *extra,
     ]
 
 
@@ -96,16 +109,6 @@ def default_context_size() -> int:
     return 4096
 
 
-def is_loopback_host(host: str) -> bool:
-    """True for 'localhost' and any loopback IP literal (127.0.0.0/8, ::1)."""
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False  # a name other than localhost could resolve anywhere
-
-
 def check_model_file(path: Path) -> str | None:
     """Why ``path`` cannot be served, or None when it looks like a GGUF model we can read."""
     if not path.exists():
@@ -122,25 +125,6 @@ def check_model_file(path: Path) -> str | None:
     return None
 
 
-def port_in_use(host: str, port: int) -> bool:
-    """Whether binding host:port fails because something else holds it (used to explain a failure)."""
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except OSError:
-        return False
-    for family, kind, proto, _name, addr in infos:
-        with socket.socket(family, kind, proto) as s:
-            if os.name != "nt":
-                # Same as cpp-httplib, so a port in TIME_WAIT reads as free, as it is for the engine.
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                s.bind(addr)
-            except OSError as e:
-                if e.errno in (errno.EADDRINUSE, getattr(errno, "WSAEADDRINUSE", -1)):
-                    return True
-    return False
-
-
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog=f"python -m {MODULE}",
@@ -152,6 +136,13 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--port", required=True, type=int, help="TCP port to bind (0 picks a free one)")
     parser.add_argument("--ctx-size", type=int, default=None, help="context window in tokens")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for decoding")
+    parser.add_argument(
+        "--allow-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="a web origin (pattern) allowed to call the API from a browser, besides this machine's",
+    )
     args = parser.parse_args(argv)
     if not is_loopback_host(args.host):
         parser.error(f"--host {args.host} is not a loopback address; the engine only binds loopback")
@@ -163,8 +154,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.ctx_size = default_context_size()
     if args.threads is None:
         args.threads = default_threads()
-    if args.ctx_size < 1 or args.threads < 1:
-        parser.error("--ctx-size and --threads must be positive")
+    if not 1 <= args.ctx_size <= MAX_CTX:
+        parser.error(f"--ctx-size {args.ctx_size} is out of range 1-{MAX_CTX}")
+    if not 1 <= args.threads <= MAX_THREADS:
+        parser.error(f"--threads {args.threads} is out of range 1-{MAX_THREADS}")
     return args
 
 
@@ -181,6 +174,25 @@ def _stop_now(signum: int, _frame: FrameType | None) -> None:
     os._exit(0)
 
 
+def _listen(host: str, port: int) -> socket.socket | None:
+    """The public socket, bound before the model loads: a busy port fails in milliseconds, and nothing
+    can take the port while the model loads (clients connecting meanwhile wait in the backlog)."""
+    family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    if os.name != "nt":
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host.strip("[]"), port))
+    except OSError as e:
+        sock.close()
+        if e.errno in (errno.EADDRINUSE, getattr(errno, "WSAEADDRINUSE", -1)):
+            return None
+        raise
+    sock.listen(128)
+    sock.set_inheritable(False)
+    return sock
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
 
@@ -194,21 +206,25 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         _say(f"error: {problem}", err=True)
         return 1
+    public = _listen(args.host, args.port)
+    if public is None:
+        _say(f"error: port {args.port} is already in use", err=True)
+        return 1
 
     import xllamacpp  # heavy native module; only the engine process needs it
 
+    key = secrets.token_urlsafe(32)  # for the internal server: known to this process only
     params = xllamacpp.CommonParams()
     params.model.path = str(model_path)
     params.model_alias = {args.alias}  # a set: names in /v1/models and every response's "model"
-    params.hostnames = [args.host]
-    params.port = args.port
+    params.hostnames = ["127.0.0.1"]
+    params.port = 0  # llama.cpp picks a free internal port; the guard forwards to it
+    params.api_keys = [key]
     params.n_ctx = args.ctx_size
     params.cpuparams.n_threads = args.threads
     params.cpuparams_batch.n_threads = args.threads  # prompt processing; else llama.cpp picks
     params.ui = False  # no bundled web UI: the product talks to the API only
-    # llama.cpp defaults to CORS "*" with credentials, letting any web page the user visits read
-    # this API; an empty allowed origin makes browsers refuse cross-origin reads.
-    params.cors_origins = ""
+    params.cors_origins = ""  # CORS is the guard's: llama.cpp's default is "*" with credentials
 
     _say(
         f"engine starting: model {model_path} as {args.alias}, {args.host}:{args.port}, "
@@ -216,25 +232,44 @@ def main(argv: list[str] | None = None) -> int:
     )
     started = time.monotonic()
     try:
-        # Binds the socket, then loads the model (serving /health 503 meanwhile); returns once ready.
-        server = xllamacpp.Server(params)
-    except (RuntimeError, ValueError) as e:
+        engine = xllamacpp.Server(params)  # returns once the model is loaded
+    except (RuntimeError, ValueError, MemoryError, OverflowError) as e:
         # xllamacpp says only "Failed to init server"; llama.cpp's own log above has the detail.
-        if port_in_use(args.host, args.port):
-            _say(f"error: port {args.port} is already in use", err=True)
-        else:
-            _say(f"error: the engine failed to start ({e}); see the llama.cpp log above", err=True)
+        _say(f"error: the engine failed to start ({e}); see the llama.cpp log above", err=True)
         return 1
-
-    # The main thread is now idle in Python, so handlers run promptly.
-    signal.signal(signal.SIGTERM, _stop_now)
-    signal.signal(signal.SIGINT, _stop_now)
+    backend = str(engine.listening_address)
+    if not backend.startswith("http"):
+        backend = "http://" + backend
     _say(
-        f"engine ready on {server.listening_address} (model {args.alias}) "
+        f"engine ready on http://{args.host}:{args.port} (model {args.alias}) "
         f"in {time.monotonic() - started:.2f} s, pid {os.getpid()}"
     )
-    while True:
-        time.sleep(3600)  # serving happens on llama.cpp's threads; a signal ends this
+    _serve(public, backend, key, args.allow_origin)
+    return 0
+
+
+def _serve(public: socket.socket, backend: str, key: str, origins: Sequence[str]) -> None:
+    import uvicorn
+
+    from stigmer.llm.llamacpp.proxy import guarded
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            yield  # ours below: leave at once, never wait for a generation to finish
+
+    signal.signal(signal.SIGTERM, _stop_now)
+    signal.signal(signal.SIGINT, _stop_now)
+    config = uvicorn.Config(
+        guarded(backend, key, origins),
+        log_level="warning",
+        access_log=False,
+        lifespan="off",
+        server_header=False,
+        date_header=False,
+    )
+    Server(config).run(sockets=[public])
+    os._exit(0)  # llama.cpp's threads must not run interpreter shutdown (see _stop_now)
 
 
 if __name__ == "__main__":
