@@ -29,6 +29,15 @@ def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Paths:
         monkeypatch.delenv(var)
     for var in PROXY_VARS:
         monkeypatch.delenv(var, raising=False)
+    for var in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "TEMPORAL_SERVICE_ADDRESS", "HF_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    # A server started by a test never takes the real ports (7233, 7234, 8233): free ones instead.
+    from tests.doubles.archives import free_port
+
+    monkeypatch.setenv("STIGMER_SERVER_PORT", str(free_port()))
+    monkeypatch.setenv("STIGMER_TEMPORAL_ADDRESS", f"127.0.0.1:{free_port()}")
+    monkeypatch.setenv("STIGMER_TEMPORAL_UI_PORT", str(free_port()))
+    monkeypatch.setenv("STIGMER_DAEMON_CHECK_INTERVAL", "0.25")
     return Paths(home)
 
 
@@ -62,9 +71,10 @@ def cli() -> object:
 
 
 @pytest.fixture
-def stop_llm(isolated_home: Paths) -> Iterator[None]:
-    """Stops whatever LLM server a test started through the product, even when the test fails."""
+def stop_server(isolated_home: Paths) -> Iterator[None]:
+    """Stops whatever a test started through the product (the daemon and every service, the LLM too),
+    even when the test fails."""
     yield
-    from stigmer.llm.provider import stop_llm
+    from stigmer.server.control import stop
 
-    stop_llm(isolated_home)
+    stop(isolated_home)

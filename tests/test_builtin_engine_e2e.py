@@ -16,7 +16,7 @@ from stigmer.services import record as records
 from tests.conftest import run_cli
 from tests.doubles.archives import free_port
 
-pytestmark = pytest.mark.usefixtures("stop_llm")
+pytestmark = pytest.mark.usefixtures("stop_server")
 
 
 @pytest.fixture
@@ -32,7 +32,7 @@ def engine_env(isolated_home: Paths) -> dict[str, str]:
 def test_server_serves_starter_model_and_answers(isolated_home: Paths, engine_env: dict[str, str]) -> None:
     r = run_cli("server", env=engine_env)
     assert r.returncode == 0, r.stderr
-    assert "First-time setup" in r.stdout
+    assert "First-time setup" in r.stderr
     assert "✓ Ready!" in r.stdout and "Local (built-in engine) ✓ Running" in r.stdout
     assert "smollm2:135m" in r.stdout
     rec = records.read(isolated_home.pid_file("llm"))
@@ -64,7 +64,7 @@ def test_server_serves_starter_model_and_answers(isolated_home: Paths, engine_en
     assert "smollm2:135m (current)" in ls.stdout
 
     again = run_cli("server", env=engine_env)
-    assert again.returncode == 0 and "First-time setup" not in again.stdout
+    assert again.returncode == 0 and "First-time setup" not in again.stdout + again.stderr
     assert records.read(isolated_home.pid_file("llm")).pid == rec.pid  # reused, not restarted
 
     stop = run_cli("server", "stop", env=engine_env)
@@ -112,17 +112,18 @@ def test_import_refuses_non_gguf(isolated_home: Paths, engine_env: dict[str, str
     assert r.returncode == 5 and "not a GGUF" in r.stderr
 
 
-def test_killed_engine_shows_not_running_and_next_start_replaces_it(
-    isolated_home: Paths, engine_env: dict[str, str]
-) -> None:
+def test_killed_engine_is_replaced_by_a_new_one(isolated_home: Paths, engine_env: dict[str, str]) -> None:
     assert run_cli("server", env=engine_env).returncode == 0
     rec = records.read(isolated_home.pid_file("llm"))
     os.kill(rec.pid, signal.SIGKILL)
     psutil.Process(rec.pid).wait(5) if psutil.pid_exists(rec.pid) else None
+    assert not records.is_ours(rec)  # the dead engine's record no longer counts
+    r = run_cli("server", env=engine_env)  # the supervisor, or this start, brings a new engine
+    assert r.returncode == 0, r.stderr
+    new = records.read(isolated_home.pid_file("llm"))
+    assert new is not None and new.pid != rec.pid and records.is_ours(new)
     st = run_cli("server", "llm", "status", env=engine_env)
-    assert "✗ Not Running" in st.stdout
-    r = run_cli("server", env=engine_env)
-    assert r.returncode == 0 and records.read(isolated_home.pid_file("llm")).pid != rec.pid
+    assert "✓ Running" in st.stdout and f"PID:      {new.pid}" in st.stdout
 
 
 def test_port_taken_by_something_else(isolated_home: Paths, engine_env: dict[str, str]) -> None:

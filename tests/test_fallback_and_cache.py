@@ -14,7 +14,7 @@ from tests.conftest import run_cli
 from tests.doubles.archives import build_release, free_port
 from tests.doubles.release_server import ReleaseServer
 
-pytestmark = pytest.mark.usefixtures("stop_llm")
+pytestmark = pytest.mark.usefixtures("stop_server")
 
 
 def offline_env(**extra: str) -> dict[str, str]:

@@ -21,7 +21,7 @@ from tests.conftest import run_cli
 from tests.doubles.archives import build_malicious, build_release, free_port
 from tests.doubles.release_server import ReleaseServer
 
-pytestmark = pytest.mark.usefixtures("stop_llm")
+pytestmark = pytest.mark.usefixtures("stop_server")
 
 VERSION = "0.33.0"
 ASSET = "ollama-linux-amd64.tar.zst"

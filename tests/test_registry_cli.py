@@ -13,7 +13,7 @@ from tests.conftest import run_cli
 from tests.doubles.archives import free_port
 from tests.doubles.fake_registry import SIGNATURE, FakeRegistry
 
-pytestmark = pytest.mark.usefixtures("stop_llm")
+pytestmark = pytest.mark.usefixtures("stop_server")
 
 
 def test_pull_from_registry_then_serve(isolated_home: Paths) -> None:

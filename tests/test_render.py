@@ -64,7 +64,7 @@ def _run_in_pty(args: list[str], env: dict[str, str], timeout: float = 60) -> st
 
 
 def test_terminal_gets_live_bar_and_colour(isolated_home, tmp_path) -> None:
-    from stigmer.llm.provider import stop_llm
+    from stigmer.server.control import stop as stop_server
     from tests.doubles.archives import build_release, free_port
     from tests.doubles.release_server import ReleaseServer
 
@@ -90,4 +90,4 @@ def test_terminal_gets_live_bar_and_colour(isolated_home, tmp_path) -> None:
         plain = _run_in_pty(["server", "llm", "status"], {**env, "NO_COLOR": "1"})
         assert "✓ Running" in plain and "\x1b[32m" not in plain
     finally:
-        stop_llm(isolated_home)
+        stop_server(isolated_home)

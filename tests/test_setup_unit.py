@@ -45,6 +45,9 @@ class FakeProvider(Provider, LocalRuntime, ModelCatalog):
         CALLS.append("is_running")
         return self.managed_record() is not None  # a real one probes its base URL
 
+    def healthy(self) -> bool:
+        return self.managed_record() is not None
+
     def ensure_runtime(self, report: Reporter) -> None:
         CALLS.append("ensure_runtime")
         report(Event("Installing", "fake runtime"))

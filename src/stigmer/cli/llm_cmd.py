@@ -25,8 +25,16 @@ def _catalog(provider: Provider, what: str) -> ModelCatalog:
 
 
 def status(args: argparse.Namespace) -> int:
-    paths, settings = context()
-    st = active.status(settings, paths)
+    from stigmer.llm.provider import LlmStatus
+    from stigmer.paths import Paths
+    from stigmer.server import control
+
+    daemon = control.fetch_status(Paths.from_env())  # the running server knows: no config to read
+    if daemon is not None and isinstance(daemon.get("llm"), dict):
+        st = LlmStatus(**daemon["llm"])
+    else:
+        paths, settings = context()
+        st = active.status(settings, paths)
     out = Out()
     if args.json:
         out.json(asdict(st))

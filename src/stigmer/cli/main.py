@@ -47,24 +47,44 @@ def _parser() -> argparse.ArgumentParser:
 
     server = sub.add_parser(
         "server",
-        help="start the Stigmer server and its Local LLM (idempotent)",
-        description="Start the Local LLM (downloading and installing what is missing) "
-        "and print its configuration once the model is really available.",
+        help="start the Stigmer server in the background (idempotent)",
+        description="Start the Stigmer server in the background: the Local LLM (downloading and installing "
+        "what is missing), Temporal, the agent runner and the HTTP API, all supervised. Prints the "
+        "status once every service passes its health check.",
     )
     server.set_defaults(handler="server_cmd:start")
     ssub = server.add_subparsers(dest="server_command", metavar="SUBCOMMAND")
-    ssub.add_parser("stop", help="stop the Local LLM that Stigmer started").set_defaults(
+    ssub.add_parser("start", help="the same as `stigmer server`").set_defaults(handler="server_cmd:start")
+    ssub.add_parser(
+        "run", help="run the server in the foreground (for containers and service managers)"
+    ).set_defaults(handler="server_cmd:run")
+    ssub.add_parser("stop", help="stop the server and every service it started").set_defaults(
         handler="server_cmd:stop"
     )
-    st = ssub.add_parser("status", help="show what is running")
+    ssub.add_parser("restart", help="stop everything, then start again").set_defaults(
+        handler="server_cmd:restart"
+    )
+    st = ssub.add_parser("status", help="show every service: state, PID, port, uptime, restarts")
     st.add_argument("--json", action="store_true", help="machine-readable output")
-    st.set_defaults(handler="llm_cmd:status")
-    logs = ssub.add_parser("logs", help="show the Local LLM log")
+    st.set_defaults(handler="server_cmd:status")
+    logs = ssub.add_parser("logs", help="show the services' logs, each line tagged with its component")
     logs.add_argument(
         "-n", "--lines", type=_lines, default=50, help="how many of the last lines (default 50; 0: none)"
     )
     logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
+    logs.add_argument(
+        "-c",
+        "--component",
+        choices=("llm", "temporal", "agent-runner", "server", "daemon"),
+        help="only this component's log",
+    )
     logs.set_defaults(handler="server_cmd:logs")
+    ssub.add_parser(
+        "enable", help="start the server at login (systemd user unit / launchd agent)"
+    ).set_defaults(handler="server_cmd:enable")
+    ssub.add_parser("disable", help="no longer start the server at login").set_defaults(
+        handler="server_cmd:disable"
+    )
 
     llm = ssub.add_parser("llm", help="manage Local LLM models")
     lsub = llm.add_subparsers(dest="llm_command", metavar="SUBCOMMAND", required=True)

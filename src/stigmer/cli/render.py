@@ -104,23 +104,90 @@ class Out:
     # -- blocks ------------------------------------------------------------------------------------
     def llm_block(self, st: LlmStatus) -> None:
         self.line("LLM Configuration:")
-        state = f"{self.ok()} Running" if st.running else f"{self.bad()} Not Running"
+        if st.remote:
+            state = f"{self.ok()} Connected" if st.running else f"{self.bad()} Not Reachable"
+        else:
+            state = f"{self.ok()} Running" if st.running else f"{self.bad()} Not Running"
         self.line(f"  Provider: {st.label} {state}")
-        if st.running:
+        if st.running and not st.remote:
             pid = str(st.pid) if st.pid else "- (started outside Stigmer)"
             self.line(f"  PID:      {pid}")
         model = st.model
-        if not st.model_available and not st.running:
+        if st.remote:
+            if st.running and not st.model_available and st.available:
+                model += " (not in the endpoint's model list)"
+        elif not st.model_available and not st.running:
             model += " (will be downloaded on first use)"
         elif not st.model_available:
             model += " (not downloaded yet)"
         self.line(f"  Model:    {model}")
-        if st.running:
+        if st.running or st.remote:
             self.line(f"  Endpoint: {st.base_url}")
+        if st.running:
             self.line(f"  Available: {', '.join(st.available) if st.available else '(none)'}")
+        for note in st.notes:
+            self.line(f"  Note:     {note}")
         if st.fallback:
             self.line()
             self.fallback_block(st.fallback)
+
+    def server_stopped(self) -> None:
+        self.line("Stigmer Server Status:")
+        self.line(self.rule)
+        self.line(f"  Status: {self.bad()} Stopped")
+        self.line()
+        self.line("To start: stigmer server")
+
+    def server_block(self, data: dict[str, Any]) -> None:
+        """The original CLI's status layout, filled with every service's real state."""
+        from stigmer.llm.provider import LlmStatus
+
+        self.line("Stigmer Server Status:")
+        self.line(self.rule)
+        running = bool(data.get("running"))
+        self.line(f"  Status: {self.ok() + ' Running' if running else self.bad() + ' Stopped'}")
+        if data.get("pid"):
+            self.line(f"  PID:    {data['pid']}")
+        self.line(f"  Port:   {data.get('port', '')}")
+        self.line(f"  Data:   {_home_short(str(data.get('data', '')))}")
+        if data.get("uptime") is not None:
+            self.line(f"  Uptime: {duration(float(data['uptime']))}")
+        services = data.get("services") or {}
+        if services:
+            self.line()
+            self.line("Services:")
+            width = max(len(n) for n in services)
+            for name, svc in services.items():
+                self.line(f"  {name:<{width}}  {self._service_line(svc)}")
+                if svc.get("last_failure") and (svc.get("restarts") or svc.get("state") == "failed"):
+                    self.line(f"  {'':<{width}}    last failure: {svc['last_failure']}")
+        llm = data.get("llm")
+        if isinstance(llm, dict):
+            self.line()
+            self.llm_block(LlmStatus(**llm))
+        web = (data.get("web_ui") or {}).get("temporal")
+        if web:
+            self.line()
+            self.line("Web UI:")
+            self.line(f"  Temporal:  {web}")
+
+    def _service_line(self, svc: dict[str, Any]) -> str:
+        state = str(svc.get("state", ""))
+        mark = {
+            "running": f"{self.ok()} Running",
+            "external": f"{self._mark('info', 'cyan', err=False)} External",
+            "failed": f"{self.bad()} Failed",
+            "stopped": f"{self.bad()} Stopped",
+        }.get(state, f"{self.marks['warn']} {state.capitalize()}")
+        parts = [f"{mark:<12}"]
+        parts.append(f"PID {svc['pid']}" if svc.get("pid") else "PID -")
+        if svc.get("address"):
+            parts.append(str(svc["address"]))
+        if svc.get("uptime") is not None:
+            parts.append(f"up {duration(float(svc['uptime']))}")
+        if state != "external":
+            parts.append(f"restarts {svc.get('restarts', 0)}")
+        return "   ".join(parts)
 
     def fallback_block(self, fb: dict[str, Any]) -> None:
         mark = self._mark("warn", "yellow", err=False)
@@ -151,6 +218,21 @@ class Out:
         self.line()
         self.line("To pull a new model:")
         self.line("  stigmer server llm pull <model-name>")
+
+
+def duration(seconds: float) -> str:
+    """1h 2m, 3m 4s, 5s."""
+    s = int(seconds)
+    if s >= 3600:
+        return f"{s // 3600}h {s % 3600 // 60}m"
+    if s >= 60:
+        return f"{s // 60}m {s % 60}s"
+    return f"{s}s"
+
+
+def _home_short(path: str) -> str:
+    home = os.path.expanduser("~")
+    return "~" + path[len(home) :] if home and path.startswith(home + os.sep) else path
 
 
 def _when(rfc3339: str) -> str:

@@ -1,13 +1,13 @@
-"""`stigmer server`, `server stop`, `server logs`."""
+"""`stigmer server [start|run|stop|restart|status|logs|enable|disable]`."""
 
 from __future__ import annotations
 
 import argparse
-import time
 
 from stigmer.cli.common import warn_notices
 from stigmer.cli.render import Out, Progress
 from stigmer.config import store
+from stigmer.config.store import Settings
 from stigmer.errors import ErrorCode, StigmerError
 from stigmer.paths import Paths
 
@@ -16,74 +16,161 @@ def _waiting(out: Out) -> None:
     out.info("Another stigmer command is starting or stopping the server; waiting for it to finish...")
 
 
+def _local_settings(paths: Paths, out: Out) -> tuple[Settings, bool]:
+    created = store.ensure_file(paths)
+    settings = store.load(paths)
+    warn_notices(settings)
+    if settings.backend.type == "cloud":
+        raise StigmerError(
+            "backend.type is cloud: there is no local server to start.",
+            hint="For local mode: stigmer config set backend.type local",
+            code=ErrorCode.CLOUD_MODE,
+        )
+    return settings, created
+
+
 def start(_args: argparse.Namespace) -> int:
+    import time
+
+    from stigmer.llm.provider import stop_llm
     from stigmer.llm.setup import setup
+    from stigmer.server import control
     from stigmer.services.lock import control_lock
 
+    t0 = time.monotonic()
     paths = Paths.from_env()
     out = Out()
     with control_lock(paths, on_wait=lambda: _waiting(out)):
-        created = store.ensure_file(paths)
-        settings = store.load(paths)
-        warn_notices(settings)
-        if settings.backend.type == "cloud":
-            raise StigmerError(
-                "backend.type is cloud: there is no local server to start.",
-                hint="For local mode: stigmer config set backend.type local",
-                code=ErrorCode.CLOUD_MODE,
-            )
+        settings, created = _local_settings(paths, out)
         if created:
             out.note(f"{out.ok()} First-time setup: Initializing Stigmer...")
             out.info(f"Configuration written to {paths.config_file}")
-        else:
+        elif settings.llm.is_local:
             out.note(f"{out.ok()} Using local LLM (no API key required)")
         out.note("  Starting Stigmer server...")
         with Progress(out) as progress:
-            result = setup(settings, paths, progress)
-    state = "is running" if result.started else "was already running"
-    out.success(f"Ready! Local LLM {state} ({result.seconds:.1f}s)")
+            llm = setup(settings, paths, progress)
+            try:
+                started = control.start(settings, paths, progress)
+            except StigmerError:
+                if llm.started:
+                    stop_llm(paths)  # started by this command for a server that did not come up
+                raise
+        status = control.fetch_status(paths)
+    if status is None:
+        raise StigmerError(
+            "The Stigmer server started but its API does not answer.",
+            hint="See its log: stigmer server logs -c server",
+            code=ErrorCode.START_FAILED,
+        )
+    seconds = time.monotonic() - t0
+    if started:
+        out.success(f"Ready! Stigmer server is running ({seconds:.1f}s)")
+    else:
+        out.success(f"Ready! Stigmer server was already running ({seconds:.1f}s)")
     out.line()
-    out.llm_block(result.status)
+    out.server_block(status)
     return 0
 
 
+def run(_args: argparse.Namespace) -> int:
+    """The daemon in the foreground: its log on stderr, until Ctrl-C or SIGTERM."""
+    from stigmer.server.daemon import main as daemon_main
+
+    paths = Paths.from_env()
+    _local_settings(paths, Out())
+    return daemon_main(["--debug"] if _args.debug else [])
+
+
 def stop(_args: argparse.Namespace) -> int:
-    from stigmer.llm.provider import stop_llm
+    from stigmer.server import control
     from stigmer.services.lock import control_lock
 
     paths = Paths.from_env()
     out = Out()
     with control_lock(paths, on_wait=lambda: _waiting(out)):
-        rec = stop_llm(paths)
-    if rec is None:
-        out.info("The Local LLM is not running (nothing that Stigmer started is running).", err=False)
+        stopped = control.stop(paths)
+    if not stopped:
+        out.info("The Stigmer server is not running (nothing that Stigmer started is running).", err=False)
+        return 0
+    daemon = [pid for name, pid in stopped if name == "daemon"]
+    out.success("Stigmer server stopped" + (f" (PID {daemon[0]})" if daemon else ""))
+    for name, pid in stopped:
+        if name != "daemon":
+            out.line(f"  {name}: stopped (PID {pid})")
+    return 0
+
+
+def restart(args: argparse.Namespace) -> int:
+    stop(args)
+    return start(args)
+
+
+def status(args: argparse.Namespace) -> int:
+    from stigmer.server import control
+
+    paths = Paths.from_env()
+    data = control.fetch_status(paths)
+    out = Out()
+    if data is None:
+        if args.json:
+            out.json({"running": False, "phase": "stopped"})
+        else:
+            out.server_stopped()
+        return 0
+    if args.json:
+        out.json(data)
     else:
-        out.success(f"Local LLM stopped (PID {rec.pid})")
+        out.server_block(data)
     return 0
 
 
 def logs(args: argparse.Namespace) -> int:
-    from stigmer.fsutil import tail
+    from stigmer.server.logs import COMPONENTS, existing, follow, last_lines
 
     paths = Paths.from_env()
     out = Out()
-    log = paths.log_file("llm")
-    if not log.exists():
-        out.info(f"No log yet ({log}). Start the server with: stigmer server")
+    components = [args.component] if args.component else existing(paths, COMPONENTS)
+    if not components or not any(paths.log_file(c).exists() for c in components):
+        where = paths.log_file(args.component) if args.component else paths.logs_dir
+        out.info(f"No log yet ({where}). Start the server with: stigmer server")
         return 0
-    for line in tail(log, args.lines):
-        out.line(line)
+    tagged = len(components) > 1
+    width = max(len(c) for c in components)
+    for component, line in last_lines(paths, components, args.lines):
+        out.line(f"[{component:<{width}}] {line}" if tagged else line)
     if args.follow:
-        with log.open("rb") as f:
-            f.seek(0, 2)
-            try:
-                while True:
-                    chunk = f.readline()
-                    if chunk:
-                        out.stdout.write(chunk.decode("utf-8", "replace"))
-                        out.stdout.flush()
-                    else:
-                        time.sleep(0.2)
-            except KeyboardInterrupt:
-                return 0
+        try:
+            for component, line in follow(paths, components):
+                out.line(f"[{component:<{width}}] {line}" if tagged else line)
+        except KeyboardInterrupt:
+            return 0
+    return 0
+
+
+def enable(_args: argparse.Namespace) -> int:
+    from stigmer.server import autostart
+
+    paths = Paths.from_env()
+    auto, registered = autostart.enable(paths)
+    out = Out()
+    out.success(f"Wrote {auto.path}")
+    if registered:
+        out.success("The Stigmer server will start at login.")
+    else:
+        out.warn("The service manager could not be reached; register the file yourself:")
+        for cmd in auto.commands:
+            out.line("  " + " ".join(cmd))
+    return 0
+
+
+def disable(_args: argparse.Namespace) -> int:
+    from stigmer.server import autostart
+
+    removed = autostart.disable(Paths.from_env())
+    out = Out()
+    if removed is None:
+        out.info("The Stigmer server was not set to start at login.", err=False)
+    else:
+        out.success(f"Removed {removed.path}; the server no longer starts at login.")
     return 0

@@ -27,19 +27,26 @@ from stigmer.config.kinds import (
 )
 
 LOCAL_PROVIDERS = ("ollama", "llamacpp")
-PROVIDERS = LOCAL_PROVIDERS
+REMOTE_PROVIDERS = ("openai", "anthropic", "openai-compatible")
+PROVIDERS = LOCAL_PROVIDERS + REMOTE_PROVIDERS
 
 # Provider defaults for llm.model and llm.base_url, used while the user has not set them (so that a
 # switch of provider brings its own port and model along).
 PROVIDER_DEFAULTS: dict[str, dict[str, str]] = {
     "ollama": {"model": "qwen2.5-coder:7b", "base_url": "http://127.0.0.1:11434"},
     "llamacpp": {"model": "smollm2:135m", "base_url": "http://127.0.0.1:11435"},
+    "openai": {"model": "gpt-4o-mini", "base_url": "https://api.openai.com/v1"},
+    "anthropic": {"model": "claude-sonnet-4-5", "base_url": "https://api.anthropic.com"},
+    "openai-compatible": {"model": "", "base_url": ""},  # both must be set by the user
 }
 
 
-def setting(default: Value, kind: Kind, doc: str, *, secret: bool = False, env: str = "") -> Any:
-    """A section field with what the key table needs to know about it."""
-    return field(default=default, metadata={"kind": kind, "doc": doc, "secret": secret, "env": env})
+def setting(
+    default: Value, kind: Kind, doc: str, *, secret: bool = False, aliases: tuple[str, ...] = ()
+) -> Any:
+    """A section field with what the key table needs to know about it. `aliases` are environment
+    variables other tools use for the same thing, read when STIGMER_<KEY> is not set."""
+    return field(default=default, metadata={"kind": kind, "doc": doc, "secret": secret, "aliases": aliases})
 
 
 @dataclass(frozen=True)
@@ -54,13 +61,15 @@ class LlmSettings:
     provider: str = setting(
         "ollama",
         Choice(PROVIDERS),
-        "Local LLM engine: ollama (downloaded runtime) or llamacpp (built-in engine, works offline).",
+        "LLM provider: ollama (downloaded runtime) or llamacpp (built-in engine, works offline) run "
+        "on this machine; openai, anthropic and openai-compatible (any endpoint the OpenAI client "
+        "takes, ending in /v1) are remote.",
     )
     model: str = setting(
         "",
         Model(),
-        "Model to serve. Empty means the provider's default (ollama: qwen2.5-coder:7b, "
-        "llamacpp: smollm2:135m).",
+        "Model to use. Empty means the provider's default (ollama: qwen2.5-coder:7b, "
+        "llamacpp: smollm2:135m, openai: gpt-4o-mini, anthropic: claude-sonnet-4-5).",
     )
     base_url: str = setting(
         "",
@@ -118,9 +127,26 @@ class LlmSettings:
 @dataclass(frozen=True)
 class TemporalSettings:
     managed: bool = setting(
-        True, Boolean(), "Start and stop a local Temporal dev server with the Stigmer server."
+        True,
+        Boolean(),
+        "Start and stop a local Temporal dev server with the Stigmer server; false uses an external "
+        "Temporal at temporal.address (also when TEMPORAL_SERVICE_ADDRESS is set).",
     )
-    address: str = setting("localhost:7233", Address(), "Temporal frontend address.")
+    address: str = setting(
+        "localhost:7233",
+        Address(),
+        "Temporal frontend address (gRPC). The managed dev server listens on this port, on 127.0.0.1.",
+        aliases=("TEMPORAL_SERVICE_ADDRESS",),
+    )
+    ui_port: int = setting(
+        8233, Integer(1, 65535, auto=True), "Port of the managed Temporal's Web UI; 0 turns the Web UI off."
+    )
+    namespace: str = setting("default", Text("a namespace name"), "Temporal namespace for executions.")
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    port: int = setting(7234, Integer(1, 65535), "Port of the Stigmer server's HTTP API (on 127.0.0.1).")
 
 
 @dataclass(frozen=True)
@@ -134,6 +160,7 @@ SECTIONS: dict[str, tuple[type, tuple[str, ...]]] = {
     "backend": (BackendSettings, ("backend",)),
     "llm": (LlmSettings, ("backend", "local", "llm")),
     "temporal": (TemporalSettings, ("backend", "local", "temporal")),
+    "server": (ServerSettings, ("backend", "local", "server")),
     "cloud": (CloudSettings, ("backend", "cloud")),
 }
 
@@ -149,6 +176,7 @@ class Key:
     doc: str
     secret: bool
     env: str  # STIGMER_LLM_MODEL
+    aliases: tuple[str, ...]  # other tools' variables for the same setting (TEMPORAL_SERVICE_ADDRESS)
 
     @property
     def valid(self) -> str:
@@ -174,7 +202,8 @@ def _keys() -> tuple[Key, ...]:
                     kind=f.metadata["kind"],
                     doc=f.metadata["doc"],
                     secret=f.metadata["secret"],
-                    env=f.metadata["env"] or "STIGMER_" + name.upper().replace(".", "_"),
+                    env="STIGMER_" + name.upper().replace(".", "_"),
+                    aliases=f.metadata["aliases"],
                 )
             )
     return tuple(keys)
@@ -213,6 +242,22 @@ def check(values: dict[str, Value]) -> tuple[str, str] | None:
             )
         if values["llm.base_url"] == values["llm.fallback_base_url"] and values["llm.provider"] == "ollama":
             return "llm.fallback_base_url", "must differ from llm.base_url (the runtime comes back there)"
+    if values["temporal.managed"]:
+        host, _, port = str(values["temporal.address"]).rpartition(":")
+        from stigmer.net.addresses import is_loopback_host
+
+        if not is_loopback_host(host):
+            return "temporal.address", "must be a loopback address while temporal.managed is true"
+        ports = {"temporal.address": int(port), "server.port": int(str(values["server.port"]))}
+        if values["temporal.ui_port"]:
+            ports["temporal.ui_port"] = int(str(values["temporal.ui_port"]))
+        if values["llm.provider"] in LOCAL_PROVIDERS:
+            ports["llm.base_url"] = split_url(str(values["llm.base_url"])).port or 80
+        seen: dict[int, str] = {}
+        for name, number in ports.items():
+            if number in seen:
+                return name, f"uses port {number}, which {seen[number]} uses too"
+            seen[number] = name
     return None
 
 

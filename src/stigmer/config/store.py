@@ -27,6 +27,7 @@ from stigmer.config.schema import (
     CloudSettings,
     Key,
     LlmSettings,
+    ServerSettings,
     TemporalSettings,
     check,
 )
@@ -49,6 +50,7 @@ class Settings:
     backend: BackendSettings
     llm: LlmSettings
     temporal: TemporalSettings
+    server: ServerSettings
     cloud: CloudSettings
     sources: Mapping[str, Source]
     file: Path
@@ -224,18 +226,22 @@ def load(paths: Paths, environ: Mapping[str, str] | None = None) -> Settings:
                         code=ErrorCode.CONFIG_INVALID,
                     ) from None
                 sources[key.name] = "file"
-        env_raw = env.get(key.env)
+        env_name = next((n for n in (key.env, *key.aliases) if env.get(n)), key.env)
+        env_raw = env.get(env_name)
         if env_raw is not None and env_raw != "":
             try:
                 values[key.name] = key.parse(env_raw)
             except ValueError as e:
                 shown = "(hidden)" if key.secret else _shown(env_raw)
                 raise StigmerError(
-                    f"Invalid value in environment variable {key.env}={shown}: {e}.",
-                    hint=f"Fix or unset {key.env}  ({key.valid})",
+                    f"Invalid value in environment variable {env_name}={shown}: {e}.",
+                    hint=f"Fix or unset {env_name}  ({key.valid})",
                     code=ErrorCode.CONFIG_INVALID,
                 ) from None
             sources[key.name] = "env"
+    if env.get("TEMPORAL_SERVICE_ADDRESS") and not env.get("STIGMER_TEMPORAL_MANAGED"):
+        # Temporal's own variable names an external cluster: a team moving to one sets just that.
+        values["temporal.managed"], sources["temporal.managed"] = False, "env"
     settings = _build(values, sources, paths, doc is not None)
     _check(settings, sources)
     notice = _private(paths.config_file, settings) if doc is not None else None

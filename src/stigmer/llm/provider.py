@@ -58,6 +58,7 @@ class LlmStatus:
     base_url: str
     fallback: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
+    remote: bool = False  # an endpoint elsewhere: "running" means it answers and takes the key
 
 
 def not_running_error(label: str = "Local LLM") -> StigmerError:
@@ -118,6 +119,10 @@ class LocalRuntime(ABC):
     @abstractmethod
     def is_running(self) -> bool:
         """True if our kind of server answers on base_url; an error if something else does."""
+
+    @abstractmethod
+    def healthy(self) -> bool:
+        """The server answers requests (its readiness probe; the supervisor's health check)."""
 
     @abstractmethod
     def ensure_runtime(self, report: Reporter) -> None:
@@ -225,3 +230,6 @@ def get_provider(
 
 register("ollama", "stigmer.llm.ollama.provider:OllamaProvider")
 register("llamacpp", "stigmer.llm.llamacpp.provider:LlamaCppProvider")
+register("openai", "stigmer.llm.remote:OpenAIProvider")
+register("anthropic", "stigmer.llm.remote:AnthropicProvider")
+register("openai-compatible", "stigmer.llm.remote:OpenAICompatibleProvider")

@@ -42,3 +42,21 @@ def control_lock(
         yield
     finally:
         lock.release()
+
+
+@contextmanager
+def try_control_lock(paths: Paths) -> Iterator[bool]:
+    """The control lock if it is free now (True), else False at once: for work that can wait a round."""
+    from filelock import FileLock, Timeout
+
+    paths.ensure(paths.run_dir)
+    lock = FileLock(str(paths.lock_file), mode=0o600)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        lock.release()

@@ -75,6 +75,7 @@ class Services:
             service=spec.name,
             info=dict(spec.info),
             cwd=spec.cwd,
+            pass_fds=spec.pass_fds,
         )
         try:
             ready.wait_ready(

@@ -51,16 +51,42 @@ def rotate_log(path: Path, *, max_bytes: int = LOG_MAX_BYTES, backups: int = LOG
     os.replace(path, path.with_name(f"{path.name}.1"))
 
 
+def rotate_running(path: Path, *, max_bytes: int = LOG_MAX_BYTES, backups: int = LOG_BACKUPS) -> bool:
+    """Rotate a log that a running service still writes to: copy it aside, then truncate it in place.
+
+    The service keeps its file open in append mode, so after the truncation its next line lands at the
+    start of the emptied file. A line written between the copy and the truncation can be lost, as with
+    logrotate's copytruncate; renaming instead would leave the service writing to the rotated file.
+    """
+    import shutil
+
+    try:
+        if path.stat().st_size < max_bytes:
+            return False
+    except FileNotFoundError:
+        return False
+    for i in range(backups - 1, 0, -1):
+        src = path.with_name(f"{path.name}.{i}")
+        if src.exists():
+            os.replace(src, path.with_name(f"{path.name}.{i + 1}"))
+    shutil.copyfile(path, path.with_name(f"{path.name}.1"))
+    with path.open("r+b") as f:
+        f.truncate(0)
+    return True
+
+
 def start_detached(
     argv: list[str],
     *,
     env: Mapping[str, str],
     log_path: Path,
-    pid_path: Path,
+    pid_path: Path | None,
     service: str,
     info: dict[str, Any],
     cwd: Path | None = None,
+    pass_fds: tuple[int, ...] = (),
 ) -> tuple[subprocess.Popen[bytes], ProcessRecord]:
+    """Spawn argv detached, output appended to log_path; its record is written to pid_path (if given)."""
     log_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     rotate_log(log_path)
     log.debug("starting %s: %s", service, argv)
@@ -75,6 +101,7 @@ def start_detached(
                 env=dict(env),
                 cwd=cwd,
                 close_fds=True,
+                pass_fds=pass_fds if os.name != "nt" else (),
                 **detach_options(),
             )
         except OSError as e:
@@ -87,7 +114,8 @@ def start_detached(
     with contextlib.suppress(OSError):
         log_path.chmod(PRIVATE_FILE)  # a log written by an earlier version may still be 0644
     rec = ProcessRecord(proc.pid, ctime, list(argv), service, info)
-    records.write(pid_path, rec)
+    if pid_path is not None:
+        records.write(pid_path, rec)
     return proc, rec
 
 

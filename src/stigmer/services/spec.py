@@ -34,6 +34,7 @@ class ServiceSpec:
     cwd: Path | None = None
     info: Mapping[str, Any] = field(default_factory=dict)  # kept in the pid record (provider, model, ...)
     restart: RestartPolicy = field(default_factory=RestartPolicy)
+    pass_fds: tuple[int, ...] = ()  # open files the child inherits (a lock it must hold while it runs)
 
     @property
     def label(self) -> str:

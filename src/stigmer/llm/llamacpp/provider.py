@@ -120,14 +120,14 @@ class LlamaCppProvider(Provider, LocalRuntime, ModelCatalog):
             name=SERVICE,
             argv=self.engine_argv(stored),
             env=self.engine_env(),
-            ready=self._healthy,
+            ready=self.healthy,
             what="Local LLM server (built-in engine)",
             address=host_port(self.base_url),
             ready_timeout=60,
             info={"provider": self.name, "base_url": self.base_url, "model": stored.name, **self.extra},
         )
 
-    def _healthy(self) -> bool:
+    def healthy(self) -> bool:
         try:
             with http.request(self.url("/health"), timeout=PROBE_TIMEOUT) as resp:
                 return int(resp.status) == 200

@@ -179,6 +179,7 @@ def check_importable(src: Path) -> None:
             "or of another format.",
         ) from None
 
+
 def import_file(paths: Paths, src: Path, name: str, report: Reporter = silent) -> StoredModel:
     import hashlib
     import tempfile

@@ -40,4 +40,3 @@ def starter_model_path() -> Path | None:
         if path.is_file():
             return path.resolve()
     return None
-

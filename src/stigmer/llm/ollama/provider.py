@@ -43,7 +43,9 @@ def download_failure_hint(paths_bin: str, download_url: str) -> str:
         "  3. Download from a mirror with the same layout:\n"
         "       stigmer config set llm.download_url https://mirror.example.com/ollama/releases\n"
         "  4. Install the runtime by hand from https://ollama.com/download and place the program at\n"
-        f"       {paths_bin}"
+        f"       {paths_bin}\n"
+        "  5. Use a remote LLM instead (with OPENAI_API_KEY or ANTHROPIC_API_KEY set):\n"
+        "       stigmer config set llm.provider openai"
     )
 
 
@@ -122,7 +124,7 @@ class OllamaProvider(Provider, LocalRuntime, ModelCatalog):
             name=SERVICE,
             argv=self.server_argv(binary),
             env=self.server_env(),
-            ready=self._answers_root,
+            ready=self.healthy,
             what="Local LLM server",
             address=host_port(self.base_url),
             info={
@@ -133,7 +135,7 @@ class OllamaProvider(Provider, LocalRuntime, ModelCatalog):
             },
         )
 
-    def _answers_root(self) -> bool:
+    def healthy(self) -> bool:
         try:
             with http.request(self.url("/"), method="HEAD", timeout=PROBE_TIMEOUT) as resp:
                 return int(resp.status) == 200
@@ -197,7 +199,7 @@ class OllamaProvider(Provider, LocalRuntime, ModelCatalog):
         except urllib.error.HTTPError as e:
             raise _pull_error(model, http.error_body(e) or f"HTTP {e.code}") from None
         except (urllib.error.URLError, OSError) as e:
-            if http.is_unreachable(e) and not self._answers_root():
+            if http.is_unreachable(e) and not self.healthy():
                 raise not_running_error() from None
             raise StigmerError(
                 f"Pulling {model} failed: {http.describe(e)}.",

@@ -1,0 +1,196 @@
+"""Starting, stopping and asking the daemon, from a short-lived command (the CLI).
+
+The caller holds the control lock. start() sets up the local LLM in this process (so downloads show live
+progress), then spawns the daemon detached and follows run/state.json until every service passes its
+health check, reporting each one as it comes up. If one fails, the daemon stops what it started and the
+error names the service, its log and the log's last lines.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from typing import Any
+
+from stigmer.config.store import Settings
+from stigmer.errors import ErrorCode, StigmerError
+from stigmer.events import STARTING, Event, Reporter
+from stigmer.fsutil import tail
+from stigmer.paths import Paths
+from stigmer.server import state as st
+
+START_TIMEOUT = 180.0
+POLL = 0.02
+ORDER = ("agent-runner", "server", "temporal", "llm")  # stop order: dependants first
+
+
+def daemon_env(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The daemon's environment: what its services need (settings, proxies, the LLM key), not the
+    rest of the user's secrets."""
+    from stigmer.services.env import GPU, PROXY, PYTHON, child_env
+
+    env = dict(os.environ) if environ is None else environ
+    needed = (
+        "STIGMER_LLM_API_KEY",
+        "STIGMER_CLOUD_TOKEN",
+        "STIGMER_API_TOKEN",
+        "OPENAI_API_KEY",
+        "ANTHROPIC_API_KEY",
+    )
+    extra = {k: env[k] for k in needed if env.get(k)}
+    return child_env(
+        PROXY, PYTHON, GPU, prefixes=("STIGMER_", "OLLAMA_", "TEMPORAL_", "HF_"), extra=extra, environ=env
+    )
+
+
+def daemon_argv(python: str = sys.executable) -> list[str]:
+    return [python, "-m", "stigmer.server.daemon", "--under-lock"]
+
+
+def is_running(paths: Paths) -> bool:
+    from stigmer.server.daemon import daemon_record
+
+    state = st.read(paths)
+    rec = daemon_record(paths)
+    return rec is not None and state is not None and state.pid == rec.pid and state.phase == st.PHASE_READY
+
+
+def start(settings: Settings, paths: Paths, report: Reporter) -> bool:
+    """Make the daemon run with every service healthy. True when it was started now."""
+    from stigmer.server.daemon import daemon_record
+
+    rec = daemon_record(paths)
+    if rec is not None:
+        state = st.read(paths)
+        if state is not None and state.pid == rec.pid and state.phase == st.PHASE_READY:
+            return False
+        # a daemon that is not ready while we hold the lock is stuck or failing: replace it
+        stop(paths)
+    spawn_and_wait(paths, report)
+    return True
+
+
+def spawn_and_wait(paths: Paths, report: Reporter, *, timeout: float = START_TIMEOUT) -> None:
+    from stigmer.services import spawn
+
+    paths.ensure(paths.run_dir, paths.logs_dir)
+    st.state_path(paths).unlink(missing_ok=True)  # a report from an earlier daemon must not be read as ours
+    log_path = paths.log_file("daemon")
+    proc, _rec = spawn.start_detached(
+        daemon_argv(), env=daemon_env(), log_path=log_path, pid_path=None, service="daemon", info={}
+    )
+    seen: dict[str, str] = {}
+    deadline = time.monotonic() + timeout
+    while True:
+        state = st.read(paths)
+        if state is not None and state.pid == proc.pid:
+            for name, svc in state.services.items():
+                if seen.get(name) != svc.state and svc.state in (st.STARTING, st.RUNNING):
+                    seen[name] = svc.state
+                    report(Event(STARTING if svc.state == st.STARTING else "Ready", _label(name)))
+            if state.phase == st.PHASE_READY:
+                return
+            if state.phase == st.PHASE_FAILED:
+                _reap(proc, 30)
+                raise _start_failed(paths, state)
+        if proc.poll() is not None:
+            raise _daemon_died(paths, proc.returncode, log_path)
+        if time.monotonic() > deadline:
+            spawn.stop(_rec, timeout=30)
+            raise StigmerError(
+                f"The Stigmer server did not become ready within {timeout:.0f} seconds.",
+                hint=f"Nothing was left running. See its log: {log_path}",
+                code=ErrorCode.START_FAILED,
+            )
+        time.sleep(POLL)
+
+
+def _label(service: str) -> str:
+    return {
+        "llm": "Local LLM",
+        "temporal": "Temporal",
+        "server": "Stigmer API",
+        "agent-runner": "agent runner",
+    }.get(service, service)
+
+
+def _reap(proc: subprocess.Popen[bytes], timeout: float) -> None:
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def _start_failed(paths: Paths, state: st.DaemonState) -> StigmerError:
+    service = state.failed_service or "daemon"
+    log_path = paths.log_file(service)
+    lines = tail(log_path, 15)
+    shown = "\n".join(f"  {line}" for line in lines) if lines else "  (the log is empty)"
+    return StigmerError(
+        f"The Stigmer server could not start: {_label(service)} failed: {state.message}",
+        hint=f"Nothing was left half-started. Last lines of {log_path}:\n{shown}\n\nSee the whole log: "
+        f"stigmer server logs -c {service}",
+        code=ErrorCode.START_FAILED,
+    )
+
+
+def _daemon_died(paths: Paths, code: int | None, log_path: Any) -> StigmerError:
+    lines = tail(log_path, 15)
+    shown = "\n".join(f"  {line}" for line in lines) if lines else "  (the log is empty)"
+    return StigmerError(
+        f"The Stigmer server exited during start-up (exit code {code}).",
+        hint=f"Last lines of {log_path}:\n{shown}",
+        code=ErrorCode.START_FAILED,
+    )
+
+
+def stop(paths: Paths) -> list[tuple[str, int]]:
+    """Stop the daemon and everything it runs (also what a dead daemon left behind); what was stopped."""
+    from stigmer.server.daemon import DAEMON, daemon_record
+    from stigmer.services import spawn
+    from stigmer.services.manager import Services
+
+    stopped: list[tuple[str, int]] = []
+    services = Services(paths)
+    before = {name: services.record(name) for name in ORDER}
+    rec = daemon_record(paths)
+    if rec is not None:
+        spawn.stop(rec, timeout=60)  # it stops its services, dependants first, then exits
+        stopped.append((DAEMON, rec.pid))
+        from stigmer.services import record as records
+
+        records.remove_if(paths.pid_file(DAEMON), rec)
+    for name in ORDER:
+        left = services.stop(name, timeout=15)
+        gone = left or before.get(name)
+        if gone is not None:
+            stopped.append((name, gone.pid))
+    return stopped
+
+
+def fetch_status(paths: Paths, *, timeout: float = 5.0) -> dict[str, Any] | None:
+    """The daemon's /v1/status, or None when no daemon runs. While the API itself is down (being
+    restarted), the same status is read from the daemon's state file instead."""
+    from stigmer.server.client import ApiClient
+    from stigmer.server.token import read_token
+
+    state = st.read(paths)
+    token = read_token(paths)
+    if state is None or token is None:
+        return None
+    try:
+        data = ApiClient(state.api_url, token, timeout=timeout).get("/v1/status")
+    except StigmerError as e:
+        if e.code is not ErrorCode.NOT_RUNNING:
+            raise
+        from stigmer.server.daemon import daemon_record
+
+        if daemon_record(paths) is None:
+            return None
+        from stigmer.config import store
+        from stigmer.server.status import server_status
+
+        return server_status(store.load(paths), paths)
+    return data if isinstance(data, dict) else None
