@@ -371,22 +371,36 @@ def _parse(r: _Reader) -> GgufHeader:
     return GgufHeader(version, tensor_count, metadata, tensors, data_offset)
 
 
+FIRST_READ = 4 << 20  # most headers fit (the starter model's is 1.8 MB); big vocabularies need more
+MAX_HEADER = 256 << 20  # the largest real headers (260k-token vocabularies with merges) are ~30 MB
+
+
 def read_header(source: Path | bytes) -> GgufHeader:
     """The header of a GGUF file, or of its first bytes (GgufTruncated when they are too few).
 
-    A file is memory-mapped rather than read: headers with big vocabularies run to tens of MB, and only
-    the pages parsed are touched. I/O problems are OSError.
+    A file is read from the start, more at a time until the header parses (never more than the file
+    or MAX_HEADER). It is read, not memory-mapped: a mapped file that another program shortens kills
+    the process with SIGBUS. I/O problems are OSError.
     """
     if isinstance(source, bytes | bytearray):
         return _parse(_Reader(source, len(source)))
-    import mmap
-
     with source.open("rb") as f:
         size = f.seek(0, 2)
-        if size == 0:
-            raise GgufTruncated("truncated header: the file is empty", 4)
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as view:
-            return _parse(_Reader(view, size))
+        f.seek(0)
+        data = f.read(min(FIRST_READ, size))
+        while True:
+            try:
+                return _parse(_Reader(data, len(data)))
+            except GgufTruncated as e:
+                if len(data) >= size:
+                    raise  # the file itself ends inside the header
+                if len(data) >= MAX_HEADER:
+                    raise GgufError(f"the header is larger than {MAX_HEADER >> 20} MiB") from None
+                want = min(size, MAX_HEADER, max(e.needed or 0, 2 * len(data)))
+                more = f.read(want - len(data))
+                if not more:
+                    raise  # shortened while we read
+                data += more
 
 
 def validate_file(path: Path) -> GgufHeader:
