@@ -19,7 +19,7 @@ from pathlib import Path
 import psutil
 
 from stigmer.paths import Paths
-from stigmer.proc import record as records
+from stigmer.services import record as records
 
 MB = 1_000_000  # 10^6 bytes: the unit the download figures are printed in
 

@@ -34,11 +34,11 @@ from _common import (
     stop_engine,
     stop_process,
 )
-
 from stigmer.llm.client import ChatClient
-from stigmer.llm.llamacpp.starter import STARTER_MODEL, starter_model_path
+
+from stigmer.llm.models.starter import STARTER_MODEL, starter_model_path
 from stigmer.paths import Paths
-from stigmer.proc import record as records
+from stigmer.services import record as records
 
 MESSAGES = [{"role": "user", "content": "Say hello in one short sentence."}]
 CTX = 1024

@@ -78,7 +78,7 @@ def test_server_serves_starter_model_and_answers(isolated_home: Paths, engine_en
 def test_import_switch_model_restarts_and_rm(
     isolated_home: Paths, engine_env: dict[str, str], tmp_path
 ) -> None:
-    from stigmer.llm.llamacpp.starter import starter_model_path
+    from stigmer.llm.models.starter import starter_model_path
 
     src = starter_model_path()
     assert src is not None

@@ -14,6 +14,7 @@ import pytest
 
 from stigmer.errors import ErrorCode, IntegrityError, NetworkUnreachable, StigmerError
 from stigmer.net import download as dl
+from stigmer.net import retry
 from tests.doubles.release_server import ReleaseServer
 
 SIZE = 1_000_000
@@ -48,14 +49,14 @@ def test_cut_download_keeps_partial_then_resumes_without_refetching(
     served, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     srv, url, data = served
-    monkeypatch.setattr(dl.time, "sleep", lambda s: None)
+    monkeypatch.setattr(retry.time, "sleep", lambda s: None)
     srv.cut_after = 100_000
     srv.cut_times = None  # every response is cut: this run gives up
     dest = tmp_path / "out.bin"
     with pytest.raises(NetworkUnreachable, match="run the command again|failed after"):
         dl.download(url, dest, sha256=sha(data), what="blob")
     kept = dl.partial_path(dest).stat().st_size
-    assert kept == dl.ATTEMPTS * 100_000  # partial data survives the failed attempt
+    assert kept == retry.DOWNLOADS.attempts * 100_000  # partial data survives the failed attempt
     srv.cut_after = None
     got = dl.download(url, dest, sha256=sha(data), what="blob")
     assert got.path.read_bytes() == data and got.resumed_from == kept
@@ -86,7 +87,7 @@ def test_server_errors_are_retried_then_reported(
     served, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     srv, url, data = served
-    monkeypatch.setattr(dl.time, "sleep", lambda s: None)
+    monkeypatch.setattr(retry.time, "sleep", lambda s: None)
     srv.fail_status = 503
     srv.fail_times = 2
     got = dl.download(url, tmp_path / "a.bin", sha256=sha(data), what="blob")

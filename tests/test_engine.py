@@ -18,14 +18,14 @@ from typing import Any
 
 import pytest
 
-from stigmer.llm.llamacpp import starter
 from stigmer.llm.llamacpp.engine import (
     check_model_file,
     default_context_size,
     default_threads,
     engine_argv,
 )
-from stigmer.llm.llamacpp.starter import STARTER_MODEL, starter_model_path
+from stigmer.llm.models import starter
+from stigmer.llm.models.starter import STARTER_MODEL, starter_model_path
 from stigmer.net.addresses import is_loopback_host
 
 ALIAS = STARTER_MODEL

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from stigmer.llm.llamacpp.starter import starter_model_path
+from stigmer.llm.models.starter import starter_model_path
 from stigmer.paths import Paths
 from stigmer.services import record as records
 from tests.conftest import run_cli

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,9 +18,10 @@ import pytest
 
 from stigmer.errors import ErrorCode, IntegrityError, NetworkUnreachable, StigmerError
 from stigmer.events import INSTALLING, Event
-from stigmer.llm.llamacpp import sources
-from stigmer.llm.llamacpp.huggingface import HfFile, choose_gguf, pull_from_hf
-from stigmer.llm.llamacpp.store import ModelStore, StoredModel
+from stigmer.llm.models import sources
+from stigmer.llm.models.hf_files import HfFile, choose_gguf
+from stigmer.llm.models.huggingface import pull_from_hf
+from stigmer.llm.models.store import ModelStore, StoredModel
 from stigmer.llm.names import parse_model_name
 from stigmer.paths import Paths
 from tests.conftest import run_cli
@@ -303,6 +305,61 @@ def test_offline_without_cache_is_a_clear_error(
     with pytest.raises(NetworkUnreachable) as e:
         pull(f"hf.co/{DEFAULT_REPO}:Q8_0", store)
     assert "only Q4_K_M of it is cached" in e.value.message
+
+
+def test_offline_finds_files_with_huggingface_hubs_own_functions(
+    hub: FakeHub, isolated_home: Paths, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import huggingface_hub
+
+    online = pull(f"hf.co/{DEFAULT_REPO}:Q4_K_M", ModelStore(isolated_home.home / "other-store"))
+    calls: list[dict[str, object]] = []
+    real = huggingface_hub.hf_hub_download
+
+    def spy(*args: object, **kwargs: object) -> str:
+        calls.append(kwargs)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", spy)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hub.requests.clear()
+    model = pull(f"hf.co/{DEFAULT_REPO}:Q4_K_M", sources.store_for(isolated_home))
+    assert model.path == online.path and hub.requests == []
+    assert calls and all(c.get("local_files_only") is True for c in calls)
+
+
+def test_offline_without_refs_uses_the_cached_snapshot(
+    hub: FakeHub, hf_home: Path, isolated_home: Paths, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    online = pull(f"hf.co/{DEFAULT_REPO}:Q4_K_M", ModelStore(isolated_home.home / "other-store"))
+    shutil.rmtree(hf_home / "hub" / ("models--" + DEFAULT_REPO.replace("/", "--")) / "refs")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = pull(f"hf.co/{DEFAULT_REPO.upper()}:Q4_K_M", sources.store_for(isolated_home))  # any case
+    assert model.path == online.path and model.sha256 == online.sha256
+
+
+def test_offline_verifies_a_blob_kept_in_a_shared_store(
+    hub: FakeHub, hf_home: Path, isolated_home: Paths, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """huggingface_hub may keep a blob in a shared store and link blobs/<sha256> to it: the file is
+    still checked against the sha256 that names the repo's blob, not against the store's name."""
+    online = pull(f"hf.co/{DEFAULT_REPO}:Q4_K_M", ModelStore(isolated_home.home / "other-store"))
+    blob = Path(os.path.realpath(online.path))
+    shared = hf_home / "hub" / ".shared" / ("xet-" + "0" * 16)
+    shared.parent.mkdir(parents=True)
+    blob.replace(shared)
+    blob.symlink_to(shared)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    store = sources.store_for(isolated_home)
+    assert pull(f"hf.co/{DEFAULT_REPO}:Q4_K_M", store).sha256 == online.sha256
+    store.remove(f"hf.co/{DEFAULT_REPO}:Q4_K_M")
+    data = bytearray(shared.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shared.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError) as e:
+        pull(f"hf.co/{DEFAULT_REPO}:Q4_K_M", store)
+    assert e.value.code is ErrorCode.CHECKSUM_MISMATCH and online.sha256 in e.value.message
+    assert store.list() == []
 
 
 def test_checksum_mismatch_is_not_registered(hub: FakeHub, hf_home: Path, store: ModelStore) -> None:

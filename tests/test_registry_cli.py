@@ -7,7 +7,7 @@ import json
 import pytest
 
 from stigmer.llm.endpoint import OpenAICompatible
-from stigmer.llm.llamacpp.starter import starter_model_path
+from stigmer.llm.models.starter import starter_model_path
 from stigmer.paths import Paths
 from tests.conftest import run_cli
 from tests.doubles.archives import free_port

@@ -1,4 +1,4 @@
-"""Native pulls from an Ollama-protocol registry: net.parts + llamacpp.registry against a loopback fake
+"""Native pulls from an Ollama-protocol registry: net.parts + llm.models.registry against a loopback fake
 registry and CDN (tests/doubles/fake_registry.py). The real starter GGUF is pulled through it."""
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ import pytest
 
 from stigmer.errors import ErrorCode, IntegrityError, NetworkUnreachable, StigmerError
 from stigmer.events import INSTALLING, Event
-from stigmer.llm.llamacpp import registry
-from stigmer.llm.llamacpp.registry import pull_from_registry, registry_base
-from stigmer.llm.llamacpp.store import ModelStore, StoredModel
+from stigmer.llm.models import registry
+from stigmer.llm.models.registry import pull_from_registry, registry_base
+from stigmer.llm.models.store import ModelStore, StoredModel
 from stigmer.llm.names import parse_model_name
-from stigmer.net import download, parts
+from stigmer.net import download, retry
 from stigmer.net.download import human_bytes, partial_path
 from stigmer.net.parts import download_parts, plan, record_path
 from tests.doubles.fake_registry import SIGNATURE, FakeRegistry
@@ -70,8 +70,7 @@ def gguf() -> Path:
 
 @pytest.fixture(autouse=True)
 def quick_retries(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(parts, "BACKOFF_BASE", 0.01)
-    monkeypatch.setattr(parts, "BACKOFF_CAP", 0.05)
+    monkeypatch.setattr(retry, "DOWNLOADS", retry.RetryPolicy(first_delay=0.01, max_delay=0.05))
 
 
 @pytest.fixture

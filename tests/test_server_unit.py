@@ -17,7 +17,7 @@ from stigmer.config import store
 from stigmer.paths import Paths
 from stigmer.server import autostart, control, specs
 from stigmer.server import state as st
-from stigmer.server.supervisor import Managed, StartFailed, Supervisor
+from stigmer.server.supervisor import UNHEALTHY_LIMIT, Managed, StartFailed, Supervisor
 from stigmer.services.env import PYTHON, child_env
 from stigmer.services.manager import Services
 from stigmer.services.spec import RestartPolicy, ServiceSpec
@@ -187,6 +187,24 @@ def test_restart_waits_while_a_command_holds_the_control_lock(isolated_home: Pat
         t.join()
     s.check_once()
     assert s.state.services["a"].state == st.RUNNING
+
+
+def test_an_unresponsive_process_is_stopped_before_its_replacement(isolated_home: Paths, sup) -> None:  # type: ignore[no-untyped-def]
+    answering = {"now": True}
+    member = _member(isolated_home, "a")
+    member.probe = lambda: answering["now"]
+    s = sup(member)
+    s.start_all()
+    first = s.state.services["a"].pid
+    answering["now"] = False  # alive, but its health check fails
+    for _ in range(UNHEALTHY_LIMIT):
+        s.check_once()
+    assert s.state.services["a"].state == st.RESTARTING
+    s.check_once()  # still not answering: replaced
+    answering["now"] = True
+    svc = s.state.services["a"]
+    assert svc.state == st.RUNNING and svc.pid != first and svc.restarts == 1
+    assert not psutil.pid_exists(first) or psutil.Process(first).status() == psutil.STATUS_ZOMBIE  # never two
 
 
 def test_a_process_replaced_by_a_command_is_adopted_not_counted(isolated_home: Paths, sup) -> None:  # type: ignore[no-untyped-def]

@@ -12,6 +12,7 @@ import psutil
 import pytest
 
 from stigmer import archive
+from stigmer.install import installer, release
 from stigmer.llm.ollama import assets
 from stigmer.llm.ollama.assets import Platform
 from stigmer.services import record as records
@@ -38,9 +39,9 @@ def test_asset_per_platform_and_version(system: str, machine: str, version: str,
 
 def test_urls_and_binary_layout(tmp_path: Path) -> None:
     base = "https://github.com/ollama/ollama/releases"
-    assert assets.release_url(base, "latest", "a.zip") == f"{base}/latest/download/a.zip"
-    assert assets.release_url(base + "/", "0.33.0", "a.zip") == f"{base}/download/v0.33.0/a.zip"
-    assert assets.version_from_url(f"{base}/download/v0.33.0/sha256sum.txt") == "0.33.0"
+    assert release.release_url(base, "latest", "a.zip") == f"{base}/latest/download/a.zip"
+    assert release.release_url(base + "/", "0.33.0", "a.zip") == f"{base}/download/v0.33.0/a.zip"
+    assert release.version_from_url(f"{base}/download/v0.33.0/sha256sum.txt") == "0.33.0"
     assert assets.binary_in(tmp_path, Platform("linux", "amd64")) == tmp_path / "bin" / "ollama"
     assert assets.binary_in(tmp_path, Platform("darwin", "arm64")) == tmp_path / "ollama"
     assert assets.binary_in(tmp_path, Platform("windows", "amd64")) == tmp_path / "ollama.exe"
@@ -56,7 +57,7 @@ def test_unsupported_platform_is_a_clear_error() -> None:
 def test_checksum_file_parsing() -> None:
     h = "ab" * 32
     text = f"{h}  ./ollama-linux-amd64.tar.zst\n{'cd' * 32} *./ollama-darwin.tgz\ngarbage line\n"
-    assert assets.parse_checksums(text) == {"ollama-linux-amd64.tar.zst": h, "ollama-darwin.tgz": "cd" * 32}
+    assert release.parse_checksums(text) == {"ollama-linux-amd64.tar.zst": h, "ollama-darwin.tgz": "cd" * 32}
 
 
 def test_detach_flags_per_platform() -> None:
@@ -173,11 +174,11 @@ def test_runtime_switch_per_platform(tmp_path: Path) -> None:
         (root / version / "ollama.exe").write_text(version)
     paths.ensure(paths.bin_dir)
     linux, windows = Platform("linux", "amd64"), Platform("windows", "amd64")
-    install._switch(paths, root, "v1.0.0", linux)
-    install._switch(paths, root, "v2.0.0", linux)
+    installer.switch(install.release(), paths, "v1.0.0", linux)
+    installer.switch(install.release(), paths, "v2.0.0", linux)
     assert install.installed_binary(paths, linux).read_text() == "v2.0.0"
     assert install.installed_version(paths) == "2.0.0"
     assert (paths.bin_dir / "ollama").is_symlink()
-    install._switch(paths, root, "v1.0.0", windows)
+    installer.switch(install.release(), paths, "v1.0.0", windows)
     assert (root / "current.txt").read_text() == "v1.0.0"
     assert install.installed_binary(paths, windows) == root / "v1.0.0" / "ollama.exe"

@@ -21,8 +21,7 @@ class UnsafeArchive(StigmerError):
 def _unsafe(archive: Path, why: str) -> UnsafeArchive:
     return UnsafeArchive(
         f"Refused to unpack {archive.name}: {why}.",
-        hint="The archive tries to write outside its folder. Nothing was installed; check your mirror "
-        "(llm.download_url).",
+        hint="The archive tries to write outside its folder. Nothing was installed.",
         code=ErrorCode.UNSAFE_ARCHIVE,
     )
 

@@ -64,6 +64,9 @@ class ErrorCode(enum.Enum):
     # 11: refused by someone else's server
     ACCESS_DENIED = ("access_denied", 11, 403, False)
     UNAUTHORIZED = ("unauthorized", 11, 401, False)
+    # 12, 13: an agent execution did not complete
+    EXECUTION_FAILED = ("execution_failed", 12, 500, False)
+    EXECUTION_CANCELLED = ("execution_cancelled", 13, 409, False)
     # 130: interrupted (Ctrl-C), as shells report SIGINT
     INTERRUPTED = ("interrupted", 130, 499, True)
 

@@ -57,6 +57,8 @@ class _Base:
         for message in reversed(body.get("messages") or []):
             if message.get("role") == "user":
                 content = message.get("content")
+                if isinstance(content, list):  # content blocks: [{"type": "text", "text": ...}]
+                    content = "".join(b.get("text", "") for b in content if isinstance(b, dict))
                 text = content if isinstance(content, str) else json.dumps(content)
                 break
         return {"content": f"echo: {text}"}
@@ -266,7 +268,9 @@ class FakeAnthropic(_Base):
 
         class AnthropicHandler(H):
             def _authorized(self) -> bool:
-                if self.headers.get("x-api-key") == fake.key and self.headers.get("anthropic-version"):
+                # The official SDK (2.x) sends the key as a bearer token; the documented header is x-api-key.
+                given = self.headers.get("x-api-key") or self.headers.get("Authorization", "").removeprefix("Bearer ")
+                if given == fake.key and self.headers.get("anthropic-version"):
                     return True
                 self.send_json(
                     401,

@@ -3,6 +3,8 @@
 Serves `root/v{version}/{asset}` as GitHub does:
   GET|HEAD [PREFIX]/download/v{version}/{asset}   the file (Range: bytes=N-, N-M, -K -> 206; past end -> 416)
   GET|HEAD [PREFIX]/latest/download/{asset}       302, Location: {url}[PREFIX]/download/v{latest}/{asset}
+  GET|HEAD [PREFIX]/latest                        302, Location: {url}[PREFIX]/tag/v{latest}
+  GET|HEAD [PREFIX]/tag/v{version}                200, a small HTML page (when root/v{version}/ exists)
 PREFIX is optional and kept in redirects, so both `{url}` and `{url}/ollama/ollama/releases` work as a base.
 
 Fault knobs are plain attributes, settable while the server runs. A knob with a count switches itself
@@ -24,6 +26,8 @@ from typing import Any
 
 _DOWNLOAD = re.compile(r"^(?P<prefix>.*?)(?P<cdn>/cdn)?/download/(?P<tag>[^/]+)/(?P<asset>[^/]+)$")
 _LATEST = re.compile(r"^(?P<prefix>.*?)/latest/download/(?P<asset>[^/]+)$")
+_LATEST_RELEASE = re.compile(r"^(?P<prefix>.*?)/latest$")
+_TAG = re.compile(r"^(?P<prefix>.*?)/tag/(?P<tag>[^/]+)$")
 _CHUNK = 64 * 1024
 
 
@@ -313,6 +317,20 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             location = f"{owner.url}{m['prefix']}/download/{_tag(owner.latest)}/{m['asset']}"
             self._simple(record, 302, b"", {"Location": location})
+            return
+        m = _LATEST_RELEASE.match(path)
+        if m:
+            if owner.latest is None:
+                self._simple(record, 404, b"Not Found")
+                return
+            self._simple(record, 302, b"", {"Location": f"{owner.url}{m['prefix']}/tag/{_tag(owner.latest)}"})
+            return
+        m = _TAG.match(path)
+        if m:
+            if not (owner.root / m["tag"]).is_dir():
+                self._simple(record, 404, b"Not Found")
+                return
+            self._simple(record, 200, f"<html><title>Release {m['tag']}</title></html>".encode())
             return
         m = _DOWNLOAD.match(path)
         file = owner._resolve(m["tag"], m["asset"]) if m else None

@@ -85,7 +85,7 @@ def remove(args: argparse.Namespace) -> int:
 def import_model(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from stigmer.llm.llamacpp.sources import import_file
+    from stigmer.llm.models.sources import import_file
 
     parse_model_name(args.name)
     paths, settings = context()

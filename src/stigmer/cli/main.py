@@ -20,7 +20,7 @@ exit codes:
   0 success, 1 unexpected error (a bug), 2 usage, 3 configuration, 4 network, 5 integrity (a download or
   file did not check out), 6 not found, 7 busy or in the way (a port, another command, a model in use),
   8 a service failed, 9 disk or filesystem, 10 not supported here, 11 refused (authorisation),
-  130 interrupted. With --json, errors are printed on stderr as {"error": {"code", "message", "hint"}}."""
+  12 an execution failed, 13 an execution was cancelled, 130 interrupted. With --json, errors are printed on stderr as {"error": {"code", "message", "hint"}}."""
 
 
 def _lines(text: str) -> int:
@@ -104,6 +104,77 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("path", help="path to a .gguf file")
     imp.add_argument("--name", required=True, help="name to serve it under, e.g. mymodel:q4")
     imp.set_defaults(handler="llm_cmd:import_model")
+
+    run = sub.add_parser(
+        "run",
+        help="run an agent on the LLM and stream what it does",
+        description="Run an agent (the built-in `default` one when none is named) as a durable execution "
+        "and stream its answer. Starts the server if it is not running. Ctrl-C cancels the execution.",
+    )
+    run.add_argument("agent", nargs="?", default="default", help="agent name (default: default)")
+    run.add_argument("-m", "--message", help="the message for the agent (read from stdin when absent)")
+    run.add_argument("--json", action="store_true", help="print the final execution record as JSON")
+    run.add_argument("--detach", action="store_true", help="print the execution id and return at once")
+    run.set_defaults(handler="run_cmd:run")
+
+    agent = sub.add_parser("agent", help="define agents (YAML files) and see them")
+    asub = agent.add_subparsers(dest="agent_command", metavar="SUBCOMMAND", required=True)
+    ap = asub.add_parser(
+        "apply",
+        help="store or update an agent from a YAML file",
+        description="Fields: name (required; letters, digits, - and _), instructions, model, temperature "
+        "(0-2), max_tokens, tools, mcp_servers, workspace.",
+    )
+    ap.add_argument("-f", "--file", required=True, help="the agent's YAML file (- for stdin)")
+    ap.set_defaults(handler="run_cmd:agent_apply")
+    al = asub.add_parser("list", help="the agents there are")
+    al.add_argument("--json", action="store_true", help="machine-readable output")
+    al.set_defaults(handler="run_cmd:agent_list")
+    ag = asub.add_parser("get", help="one agent, as YAML")
+    ag.add_argument("name")
+    ag.add_argument("--json", action="store_true", help="machine-readable output")
+    ag.set_defaults(handler="run_cmd:agent_get")
+    ar = asub.add_parser("rm", help="remove an agent")
+    ar.add_argument("name")
+    ar.set_defaults(handler="run_cmd:agent_rm")
+
+    ex = sub.add_parser("execution", help="see, follow, cancel and approve executions")
+    esub = ex.add_subparsers(dest="execution_command", metavar="SUBCOMMAND", required=True)
+    el = esub.add_parser("list", help="recent executions first")
+    el.add_argument(
+        "--state", help="only in this state (PENDING, IN_PROGRESS, WAITING_APPROVAL, COMPLETED, ...)"
+    )
+    el.add_argument("--agent", help="only of this agent")
+    el.add_argument("-n", "--limit", type=_lines, default=20, help="how many (default 20)")
+    el.add_argument("--json", action="store_true", help="machine-readable output")
+    el.set_defaults(handler="run_cmd:execution_list")
+    eg = esub.add_parser("get", help="one execution: its record and messages")
+    eg.add_argument("id")
+    eg.add_argument("--json", action="store_true", help="machine-readable output")
+    eg.set_defaults(handler="run_cmd:execution_get")
+    ec = esub.add_parser("cancel", help="cancel a running execution")
+    ec.add_argument("id")
+    ec.set_defaults(handler="run_cmd:execution_cancel")
+    elog = esub.add_parser("logs", help="what an execution streamed (-f: attach to a running one)")
+    elog.add_argument("id")
+    elog.add_argument("-f", "--follow", action="store_true", help="keep following until it ends")
+    elog.set_defaults(handler="run_cmd:execution_logs")
+    for verb, text in (("approve", "allow"), ("deny", "refuse")):
+        ea = esub.add_parser(verb, help=f"{text} the tool call an execution waits on")
+        ea.add_argument("id")
+        ea.add_argument(
+            "--always", action="store_true", help=f"{text} this tool for the rest of the execution"
+        )
+        ea.set_defaults(handler=f"run_cmd:execution_{verb}")
+
+    wk = sub.add_parser(
+        "worker",
+        help="run only an agent runner (more workers for an external Temporal)",
+        description="Run an agent runner in the foreground against temporal.address. On other machines: "
+        "set temporal.managed false, temporal.address to the shared Temporal, STIGMER_API_URL to the "
+        "server's API and STIGMER_API_TOKEN to its token, so streamed answers reach it.",
+    )
+    wk.set_defaults(handler="run_cmd:worker")
 
     cfg = sub.add_parser("config", help="read and change settings")
     csub = cfg.add_subparsers(dest="config_command", metavar="SUBCOMMAND", required=True)

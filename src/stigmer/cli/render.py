@@ -22,8 +22,15 @@ if TYPE_CHECKING:
     from stigmer.llm.provider import LlmStatus, ModelInfo
 
 _COLORS = {"green": "32", "red": "31", "cyan": "36", "yellow": "33", "bold": "1", "dim": "2"}
-MARKERS = {"ok": "✓", "bad": "✗", "info": "ℹ", "warn": "⚠", "rule": "─"}
-ASCII_MARKERS = {"ok": "[ok]", "bad": "[x]", "info": "[i]", "warn": "[!]", "rule": "-"}
+MARKERS = {
+    "ok": "✓", "bad": "✗", "info": "ℹ", "warn": "⚠", "rule": "─",
+    "pending": "⏳", "started": "▶️", "agent": "🤖", "completed": "✅", "failed": "❌", "tool": "🔧", "arrow": "→",
+}  # fmt: skip
+ASCII_MARKERS = {
+    "ok": "[ok]", "bad": "[x]", "info": "[i]", "warn": "[!]", "rule": "-",
+    "pending": "[..]", "started": "[>]", "agent": "[agent]", "completed": "[done]", "failed": "[failed]",
+    "tool": "[tool]", "arrow": "->",
+}  # fmt: skip
 
 
 def use_color(stream: TextIO) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from stigmer.cli.common import warn_notices
 from stigmer.cli.render import Out, Progress
@@ -29,7 +30,8 @@ def _local_settings(paths: Paths, out: Out) -> tuple[Settings, bool]:
     return settings, created
 
 
-def start(_args: argparse.Namespace) -> int:
+def bring_up(out: Out) -> tuple[dict[str, Any], bool, float]:
+    """Start the server (or find it running): its status, whether it was started now, and how long it took."""
     import time
 
     from stigmer.llm.provider import stop_llm
@@ -39,7 +41,6 @@ def start(_args: argparse.Namespace) -> int:
 
     t0 = time.monotonic()
     paths = Paths.from_env()
-    out = Out()
     with control_lock(paths, on_wait=lambda: _waiting(out)):
         settings, created = _local_settings(paths, out)
         if created:
@@ -63,7 +64,12 @@ def start(_args: argparse.Namespace) -> int:
             hint="See its log: stigmer server logs -c server",
             code=ErrorCode.START_FAILED,
         )
-    seconds = time.monotonic() - t0
+    return status, started, time.monotonic() - t0
+
+
+def start(_args: argparse.Namespace) -> int:
+    out = Out()
+    status, started, seconds = bring_up(out)
     if started:
         out.success(f"Ready! Stigmer server is running ({seconds:.1f}s)")
     else:

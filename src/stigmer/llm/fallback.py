@@ -22,7 +22,7 @@ def applies(settings: Settings) -> bool:
 def plan(settings: Settings, paths: Paths, reason: str) -> Provider | None:
     """The built-in engine serving the best local model, with the facts for the warning block in its
     `extra["fallback"]`; None when no model is here."""
-    from stigmer.llm.llamacpp.sources import best_local
+    from stigmer.llm.models.sources import best_local
 
     model = best_local(paths, settings.llm.model)
     if model is None:

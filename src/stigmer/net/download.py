@@ -7,31 +7,33 @@ a checksum mismatch deletes it, since those bytes can never become right.
 
 This single-stream downloader serves files whose size is not known before the request (release
 archives). When the size is known up front (registry layers), `net.parts.download_parts` fetches the
-file in parallel Range parts, each resuming on its own; both share the pieces below.
+file in parallel Range parts, each resuming on its own. Both share the disk check below, one retry
+policy (net.retry), one reading of Content-Range (net.ranges), one wording of failures (net.failures)
+and one sha256 reader (stigmer.hashing).
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import os
-import time
 import urllib.error
 from collections.abc import Callable
 from dataclasses import dataclass
 from http.client import HTTPException
 from pathlib import Path
 
-from stigmer.errors import ErrorCode, IntegrityError, NetworkUnreachable, StigmerError
+from stigmer.errors import ErrorCode, StigmerError
 from stigmer.fsutil import free_bytes
-from stigmer.net import http
+from stigmer.hashing import sha256_hasher
+from stigmer.net import failures, http, retry
+from stigmer.net.failures import Transient
+from stigmer.net.ranges import parse_content_range
 from stigmer.units import human_bytes as human_bytes  # re-exported for callers
 
 log = logging.getLogger(__name__)
 
 CHUNK = 1024 * 1024
-ATTEMPTS = 4  # per call: retries only after bytes flowed, or on 5xx; never on connection refused
 DISK_MARGIN = 16 * 1024 * 1024
 
 ProgressFn = Callable[[int, int | None], None]  # (bytes done, total or None)
@@ -62,19 +64,6 @@ def check_disk(folder: Path, need: int, what: str) -> None:
         )
 
 
-def _hash_file(path: Path, upto: int) -> hashlib._Hash:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        left = upto
-        while left > 0:
-            block = f.read(min(CHUNK * 4, left))
-            if not block:
-                break
-            h.update(block)
-            left -= len(block)
-    return h
-
-
 def download(
     url: str,
     dest: Path,
@@ -84,8 +73,15 @@ def download(
     size: int | None = None,
     on_progress: ProgressFn | None = None,
     timeout: float = http.DEFAULT_TIMEOUT,
+    hint: str = "",
+    policy: retry.RetryPolicy | None = None,
 ) -> Downloaded:
-    """Fetch url into dest, resuming `<dest>.partial`. sha256=None only for small metadata files."""
+    """Fetch url into dest, resuming `<dest>.partial`. sha256=None only for small metadata files.
+
+    `what` names the file in messages; `hint` is the caller's advice for failures a setting or a mirror
+    can cause. Every try of this call counts against the retry policy's attempts.
+    """
+    policy = retry.current(policy)
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = partial_path(dest)
     start_offset = part.stat().st_size if part.exists() else 0
@@ -103,21 +99,19 @@ def download(
                 on_progress=on_progress,
                 timeout=timeout,
                 first_offset=start_offset,
+                first=attempt == 1,
+                hint=hint,
             )
-        except _Transient as e:
-            if attempt >= ATTEMPTS:
-                raise NetworkUnreachable(
-                    f"Download of {what} failed after {attempt} attempts: {e}.",
-                    hint="What was downloaded is kept; run the command again to continue.",
-                    code=ErrorCode.DOWNLOAD_FAILED,
-                ) from e
-            delay = min(2 ** (attempt - 1), 8) * 0.25
-            log.info("download of %s interrupted (%s); retrying in %.2fs", http.redact(url), e, delay)
-            time.sleep(delay)
-
-
-class _Transient(Exception):
-    """A failure worth another attempt: the connection dropped mid-body, or the server said 5xx."""
+        except Transient as e:
+            if attempt >= policy.attempts:
+                raise failures.gave_up(e, what=what, attempts=attempt, hint=hint) from e
+            log.info(
+                "download of %s interrupted (%s); retrying in %.2fs",
+                http.redact(url),
+                e,
+                policy.delay(attempt),
+            )
+            policy.wait(attempt)
 
 
 def _attempt(
@@ -131,6 +125,8 @@ def _attempt(
     on_progress: ProgressFn | None,
     timeout: float,
     first_offset: int,
+    first: bool,
+    hint: str,
 ) -> Downloaded:
     have = part.stat().st_size if part.exists() else 0
     headers = {"Accept-Encoding": "identity"}
@@ -139,34 +135,31 @@ def _attempt(
     try:
         resp = http.request(url, headers=headers, timeout=timeout)
     except urllib.error.HTTPError as e:
-        if e.code == 416 and have and size is not None and have >= size:
-            return _finish(part, dest, sha256, what, have, url, first_offset)
-        if e.code == 416:  # our partial is longer than the file: it cannot be right
-            part.unlink(missing_ok=True)
-            raise _Transient("the partial download did not match the file on the server") from e
-        if e.code >= 500 or e.code == 429:
-            raise _Transient(f"server answered HTTP {e.code}") from e
-        raise StigmerError(
-            f"Download of {what} failed: {http.redact(url)} answered HTTP {e.code} {e.reason}.",
-            hint="Check the version and download URL settings (stigmer config list).",
-            code=ErrorCode.DOWNLOAD_HTTP_ERROR,
-        ) from e
-    except (urllib.error.URLError, OSError) as e:
-        if have and not isinstance(getattr(e, "reason", None), ConnectionRefusedError):
-            raise _Transient(http.describe(e)) from e
-        raise NetworkUnreachable(
-            f"Failed to download {what}: {http.describe(e)}",
-            code=ErrorCode.NETWORK_UNREACHABLE,
-            hint=f"Could not reach {http.redact(url)}.",
-        ) from e
+        e.close()
+        if e.code == 416 and have:
+            # The partial reaches the end of the file: complete (then verified) or longer than it.
+            content_range = parse_content_range(e.headers.get("Content-Range"))
+            file_size = content_range.total if content_range is not None else size
+            if file_size is not None and have == file_size and (size is None or size == have):
+                return _finish(part, dest, sha256, what, have, url, first_offset, hint)
+            part.unlink(missing_ok=True)  # longer than the file: it cannot be right
+            raise Transient("the partial download did not match the file on the server") from e
+        if retry.transient_status(e.code):
+            raise Transient(f"server answered HTTP {e.code}") from e
+        raise failures.http_error(e, what=what, url=url, hint=hint) from e
+    except retry.TRANSIENT_ERRORS as e:
+        if first and retry.is_unreachable(e):
+            raise failures.unreachable(e, what=what, url=url, hint=hint) from e
+        raise Transient(http.describe(e)) from e
     with resp:
         final_url = resp.geturl()
         if resp.status == 206:
-            offset = _range_start(resp.headers.get("Content-Range", ""))
-            if offset != have:
-                raise _Transient(f"server resumed at byte {offset}, expected {have}")
-            hasher = _hash_file(part, have)
-            mode = "ab"
+            content_range = parse_content_range(resp.headers.get("Content-Range"))
+            if content_range is None or content_range.start != have:
+                got = "an unreadable range" if content_range is None else f"byte {content_range.start}"
+                raise Transient(f"server resumed at {got}, expected byte {have}")
+            hasher = sha256_hasher(part, upto=have)
+            offset, mode = have, "ab"
         else:  # 200: the whole file again (Range ignored); start over from byte 0
             offset, hasher, mode = 0, hashlib.sha256(), "wb"
             if have:
@@ -174,11 +167,7 @@ def _attempt(
         length = resp.headers.get("Content-Length")
         total = offset + int(length) if length is not None else size
         if size is not None and total is not None and total != size:
-            raise IntegrityError(
-                f"Download of {what} has the wrong size: expected {size} bytes, the server sends {total}.",
-                code=ErrorCode.CHECKSUM_MISMATCH,
-                hint="The mirror may be serving a different file. Nothing was installed.",
-            )
+            raise failures.wrong_size(what=what, expected=size, got=f"{total} bytes", hint=hint)
         if total is not None:
             check_disk(part.parent, total - offset, what)
         done = offset
@@ -198,23 +187,13 @@ def _attempt(
                     if on_progress:
                         on_progress(done, total)
         except (HTTPException, OSError) as e:
-            if isinstance(e, OSError) and e.errno in (28, 122):  # ENOSPC, EDQUOT
-                raise StigmerError(
-                    f"The disk filled up while downloading {what}.",
-                    code=ErrorCode.DISK_FULL,
-                    hint="Free some space and run the command again; the download resumes.",
-                ) from e
-            raise _Transient(http.describe(e) if isinstance(e, OSError) else "connection closed early") from e
+            full = failures.disk_filled(e, what=what) if isinstance(e, OSError) else None
+            if full is not None:
+                raise full from e
+            raise Transient(http.describe(e) if isinstance(e, OSError) else "connection closed early") from e
         if total is not None and done < total:
-            raise _Transient(f"connection closed after {done} of {total} bytes")
-    return _finish(part, dest, sha256, what, done, final_url, first_offset, hasher)
-
-
-def _range_start(content_range: str) -> int:
-    # "bytes 100-199/200"
-    with contextlib.suppress(ValueError, IndexError):
-        return int(content_range.split()[1].split("-")[0])
-    return -1
+            raise Transient(f"connection closed after {done} of {total} bytes")
+    return _finish(part, dest, sha256, what, done, final_url, first_offset, hint, hasher)
 
 
 def _finish(
@@ -225,16 +204,12 @@ def _finish(
     size: int,
     final_url: str,
     first_offset: int,
+    hint: str,
     hasher: hashlib._Hash | None = None,
 ) -> Downloaded:
-    digest = (hasher or _hash_file(part, size)).hexdigest()
+    digest = (hasher or sha256_hasher(part, upto=size)).hexdigest()
     if sha256 is not None and digest != sha256.lower():
         part.unlink(missing_ok=True)
-        raise IntegrityError(
-            f"Checksum mismatch for {what}: expected sha256 {sha256.lower()}, got {digest}.",
-            hint="The download was corrupted or tampered with; it was deleted and nothing was installed. "
-            "Run the command again; if it repeats, check your mirror (llm.download_url).",
-            code=ErrorCode.CHECKSUM_MISMATCH,
-        )
+        raise failures.checksum_mismatch(what=what, expected=sha256.lower(), got=digest, hint=hint)
     os.replace(part, dest)
     return Downloaded(dest, digest, size, first_offset, final_url)

@@ -19,7 +19,6 @@ that final URL, which carries a signature and is therefore only ever logged thro
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -33,8 +32,10 @@ from pathlib import Path
 from typing import Any
 
 from stigmer.errors import ErrorCode, IntegrityError, NetworkUnreachable, StigmerError
-from stigmer.net import http
+from stigmer.net import failures, http, retry
 from stigmer.net.download import Downloaded, ProgressFn, check_disk, partial_path
+from stigmer.net.failures import Transient
+from stigmer.net.ranges import parse_content_range
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +51,6 @@ SINGLE_BELOW = 64 * MIB  # smaller files are one part: a second connection would
 # parts are handed out in order to STREAMS workers, and the sha256 can only follow completed prefixes.
 MIN_PART = 32 * MIB
 MAX_PART = 256 * MIB
-ATTEMPTS = 6  # tries per part without progress (as Ollama); a part that keeps moving is never given up
-BACKOFF_BASE = 1.0  # seconds; doubled per failed try (tests make it small)
-BACKOFF_CAP = 30.0
 PROGRESS_EVERY = 0.1  # seconds between on_progress calls
 RECORD_EVERY = 0.5  # seconds between rewrites of the part record
 
@@ -88,10 +86,6 @@ class _Part:
         return self.pos >= self.end
 
 
-class _Transient(Exception):
-    """Worth another try: connection cut or refused mid-way, a stall, HTTP 5xx/429."""
-
-
 class _RangeIgnored(Exception):
     """The server answered 200 to a ranged request."""
 
@@ -107,11 +101,15 @@ def download_parts(
     parts: int | None = None,
     timeout: float = http.DEFAULT_TIMEOUT,
     streams: int | None = None,
+    hint: str = "",
+    policy: retry.RetryPolicy | None = None,
 ) -> Downloaded:
     """Fetch url (size bytes, sha256 hex) into dest, resuming `<dest>.partial`; see the module docstring.
 
-    `timeout` is also the stall limit: a part that receives no byte for that long is retried.
-    on_progress(done, size) is called from this thread about 10 times a second.
+    `timeout` is also the stall limit: a part that receives no byte for that long is retried. A part
+    gives up after the retry policy's attempts without progress; one that keeps moving never does.
+    on_progress(done, size) is called from this thread about 10 times a second. `hint` is the caller's
+    advice for failures a setting or a mirror can cause.
     """
     dest.parent.mkdir(parents=True, exist_ok=True)
     job = _Job(
@@ -123,6 +121,8 @@ def download_parts(
         on_progress=on_progress,
         timeout=timeout,
         streams=streams or STREAMS,
+        hint=hint,
+        policy=retry.current(policy),
     )
     try:
         return job.run(parts)
@@ -142,10 +142,13 @@ class _Job:
         on_progress: ProgressFn | None,
         timeout: float,
         streams: int,
+        hint: str,
+        policy: retry.RetryPolicy,
     ) -> None:
         self.url, self.final_url, self.dest = url, url, dest
         self.sha256, self.size, self.what = sha256, size, what
         self.on_progress, self.timeout, self.streams = on_progress, timeout, streams
+        self.hint, self.policy = hint, policy
         self.partial, self.record = partial_path(dest), record_path(dest)
         self.parts: list[_Part] = []
         self.cond = threading.Condition()
@@ -196,12 +199,7 @@ class _Job:
         digest = self.hexdigest
         if digest != self.sha256:
             self._discard()
-            raise IntegrityError(
-                f"Checksum mismatch for {self.what}: expected sha256 {self.sha256}, got {digest}.",
-                hint="The download was corrupted or tampered with; it was deleted and nothing was installed. "
-                "Run the command again; if it repeats, check the registry or mirror (llm.registry_url).",
-                code=ErrorCode.CHECKSUM_MISMATCH,
-            )
+            raise failures.checksum_mismatch(what=self.what, expected=self.sha256, got=digest, hint=self.hint)
         if os.name == "nt":
             self.close()  # Windows renames no open file; elsewhere the lock is held through the rename
         os.replace(self.partial, self.dest)
@@ -299,47 +297,40 @@ class _Job:
                 )
                 self._reset_single()
                 return self.parts[0], resp
-            except _Transient as e:
-                if attempt >= ATTEMPTS:
+            except Transient as e:
+                if attempt >= self.policy.attempts:
                     raise self._gave_up(e) from e
-                delay = backoff(attempt)
-                log.info("download of %s: %s; retrying in %.2fs", self.what, e, delay)
-                time.sleep(delay)
+                log.info("download of %s: %s; retrying in %.2fs", self.what, e, self.policy.delay(attempt))
+                self.policy.wait(attempt)
 
     def _open(self, url: str, part: _Part, *, first: bool = False) -> Any:
         ranged = part.pos > 0 or part.end < self.size
         headers = {"Accept-Encoding": "identity"}
         if ranged:
             headers["Range"] = f"bytes={part.pos}-{part.end - 1}"
+        # `from None` on the errors below: the chained urllib error would repeat the signed URL.
         try:
             resp = http.request(url, headers=headers, timeout=self.timeout)
         except urllib.error.HTTPError as e:
             e.close()
-            if e.code >= 500 or e.code in (408, 429):
-                raise _Transient(f"server answered HTTP {e.code}") from None
+            if retry.transient_status(e.code):
+                raise Transient(f"server answered HTTP {e.code}") from None
             if e.code == 416:
                 raise self._wrong_size("a smaller file") from None
-            raise StigmerError(
-                f"Download of {self.what} failed: {http.redact(url)} answered HTTP {e.code} {e.reason}.",
-                hint="Run the command again; if it repeats, check the registry setting (llm.registry_url).",
-                code=ErrorCode.DOWNLOAD_HTTP_ERROR,
-            ) from None
-        except (urllib.error.URLError, OSError) as e:
-            if first and http.describe(e) in ("connection refused", "host name could not be resolved"):
-                raise NetworkUnreachable(
-                    f"Failed to download {self.what}: {http.describe(e)}.",
-                    code=ErrorCode.NETWORK_UNREACHABLE,
-                    hint=f"Could not reach {http.redact(url)}. Check your connection (and HTTPS_PROXY).",
-                ) from None
-            raise _Transient(http.describe(e)) from None
+            raise failures.http_error(e, what=self.what, url=url, hint=self.hint) from None
+        except retry.TRANSIENT_ERRORS as e:
+            if first and retry.is_unreachable(e):
+                raise failures.unreachable(e, what=self.what, url=url, hint=self.hint) from None
+            raise Transient(http.describe(e)) from None
         if resp.status == 206:
-            start, total = _content_range(resp.headers.get("Content-Range", ""))
-            if total is not None and total != self.size:
+            content_range = parse_content_range(resp.headers.get("Content-Range"))
+            if content_range is not None and content_range.total not in (None, self.size):
                 resp.close()
-                raise self._wrong_size(f"{total} bytes")
-            if start != part.pos:
+                raise self._wrong_size(f"{content_range.total} bytes")
+            if content_range is None or content_range.start != part.pos:
                 resp.close()
-                raise _Transient(f"server sent byte {start} when asked for byte {part.pos}")
+                got = "an unreadable range" if content_range is None else f"byte {content_range.start}"
+                raise Transient(f"server sent {got} when asked for byte {part.pos}")
             return resp
         length = resp.headers.get("Content-Length")
         if length is not None and int(length) != self.size:
@@ -350,18 +341,10 @@ class _Job:
         return resp
 
     def _wrong_size(self, got: str) -> IntegrityError:
-        return IntegrityError(
-            f"Download of {self.what} has the wrong size: expected {self.size} bytes, the server has {got}.",
-            hint="The registry or mirror serves a different file; nothing was installed.",
-            code=ErrorCode.CHECKSUM_MISMATCH,
-        )
+        return failures.wrong_size(what=self.what, expected=self.size, got=got, hint=self.hint)
 
     def _gave_up(self, e: Exception) -> NetworkUnreachable:
-        return NetworkUnreachable(
-            f"Download of {self.what} failed after {ATTEMPTS} attempts: {e}.",
-            hint="What was downloaded is kept; run the command again to continue where it stopped.",
-            code=ErrorCode.DOWNLOAD_FAILED,
-        )
+        return failures.gave_up(e, what=self.what, attempts=self.policy.attempts, hint=self.hint)
 
     # --- transfer ----------------------------------------------------------------------------------
 
@@ -459,15 +442,15 @@ class _Job:
                 if resp is None:
                     resp = self._open(self.final_url, part)
                 self._stream(run, part, resp, out, buf)
-            except _Transient as e:
+            except Transient as e:
                 if part.done > before:
                     attempt = 0  # progress since the last failure: a flaky link, not a dead one
                 attempt += 1
-                if attempt >= ATTEMPTS:
+                if attempt >= self.policy.attempts:
                     raise self._gave_up(e) from e
-                delay = backoff(attempt)
+                delay = self.policy.delay(attempt)
                 log.info("part %d-%d of %s: %s; retrying in %.2fs", part.start, part.end, self.what, e, delay)
-                run.stop.wait(delay)
+                self.policy.wait(attempt, stop=run.stop)
             finally:
                 if resp is not None:
                     resp.close()
@@ -485,11 +468,11 @@ class _Job:
             try:
                 n = resp.readinto(view[: min(CHUNK, part.end - pos)])
             except (OSError, ValueError) as e:  # ValueError: read on a closed response
-                raise _Transient(http.describe(e)) from None
+                raise Transient(http.describe(e)) from None
             except HTTPException as e:  # IncompleteRead: cut mid-body
-                raise _Transient(f"connection closed early ({type(e).__name__})") from None
+                raise Transient(f"connection closed early ({type(e).__name__})") from None
             if not n:
-                raise _Transient(f"connection closed at byte {pos}")
+                raise Transient(f"connection closed at byte {pos}")
             if run.stop.is_set():
                 return  # stopped while waiting for these bytes: the record is already final
             try:
@@ -497,12 +480,9 @@ class _Job:
                 while written < n:
                     written += out.write(view[written:n])
             except OSError as e:
-                if e.errno in (28, 122):  # ENOSPC, EDQUOT
-                    raise StigmerError(
-                        f"The disk filled up while downloading {self.what}.",
-                        code=ErrorCode.DISK_FULL,
-                        hint="Free some space and run the command again; it resumes.",
-                    ) from e
+                full = failures.disk_filled(e, what=self.what)
+                if full is not None:
+                    raise full from e
                 raise
             pos += n
             with self.cond:
@@ -571,15 +551,3 @@ class _Hasher(threading.Thread):
                     raise OSError(f"{job.partial} is shorter than expected")
                 h.update(view[:n])
                 pos += n
-
-
-def backoff(attempt: int) -> float:
-    return float(min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (attempt - 1)))
-
-
-def _content_range(value: str) -> tuple[int, int | None]:
-    """'bytes 100-199/200' -> (100, 200); total None when '*'; start -1 when unparsable."""
-    with contextlib.suppress(ValueError, IndexError):
-        unit_range, _, total = value.split()[1].partition("/")
-        return int(unit_range.split("-")[0]), (None if total in ("", "*") else int(total))
-    return -1, None

@@ -1,5 +1,5 @@
 """What the agent runner executes: its workflows and activities, in one place (the worker registers
-exactly these)."""
+exactly these; the agent's own activities come with pydantic-ai's plugin)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,14 @@ from typing import Any
 
 def workflows() -> list[type]:
     from stigmer.runner.health import Ping
+    from stigmer.runner.workflow import AgentExecution
 
-    return [Ping]
+    return [Ping, AgentExecution]
 
 
 def activities() -> list[Callable[..., Any]]:
+    from stigmer.runner.approvals import notify
     from stigmer.runner.health import pong
+    from stigmer.runner.workflow import prepare
 
-    return [pong]
+    return [pong, prepare, notify]

@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 from stigmer.config import store
 from stigmer.config.store import Settings
@@ -25,12 +26,16 @@ CONNECT_ATTEMPTS = 30  # ~1 minute: Temporal may still be starting when the work
 
 
 async def connect(settings: Settings) -> object:
+    from pydantic_ai.durable_exec.temporal import PydanticAIPlugin
     from temporalio.client import Client
 
     delay = 0.2
     for attempt in range(1, CONNECT_ATTEMPTS + 1):
         try:
-            return await Client.connect(settings.temporal.address, namespace=settings.temporal.namespace)
+            # The plugin brings pydantic payloads and registers the agent's own activities with the worker.
+            return await Client.connect(
+                settings.temporal.address, namespace=settings.temporal.namespace, plugins=[PydanticAIPlugin()]
+            )
         except Exception as e:  # noqa: BLE001 - temporalio raises RuntimeError for every connect failure
             if attempt == CONNECT_ATTEMPTS:
                 raise
@@ -38,6 +43,27 @@ async def connect(settings: Settings) -> object:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
     raise AssertionError("unreachable")
+
+
+def sandbox() -> Any:
+    """Temporal's workflow sandbox, with our modules and the model-price data passed through: loaded once
+    in the worker rather than again in every workflow (pydantic-ai's plugin adds its own modules)."""
+    from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
+
+    return SandboxedWorkflowRunner(
+        restrictions=SandboxRestrictions.default.with_passthrough_modules("stigmer", "genai_prices")
+    )
+
+
+def warm_up() -> None:
+    """Build one model before serving: the OpenAI SDK and the model data load lazily on first use
+    (~1.5 s here), which inside a workflow would trip Temporal's 2-second deadlock detector."""
+    from stigmer.runner import llm
+
+    target = llm.LlmTarget(
+        provider="llamacpp", model="warm-up", base_url="http://127.0.0.1:9/v1", kind="openai"
+    )
+    _ = llm.build(target, key="unused").profile
 
 
 async def serve(settings: Settings, paths: Paths, stop: asyncio.Event, stamp: Path | None) -> None:
@@ -48,7 +74,14 @@ async def serve(settings: Settings, paths: Paths, stop: asyncio.Event, stamp: Pa
 
     client = await connect(settings)
     assert isinstance(client, Client)
-    worker = Worker(client, task_queue=TASK_QUEUE, workflows=workflows(), activities=activities())
+    warm_up()
+    worker = Worker(
+        client,
+        task_queue=TASK_QUEUE,
+        workflows=workflows(),
+        activities=activities(),
+        workflow_runner=sandbox(),
+    )
     async with worker:
         log.info("polling task queue %s on %s", TASK_QUEUE, settings.temporal.address)
         while not stop.is_set():
@@ -59,14 +92,19 @@ async def serve(settings: Settings, paths: Paths, stop: asyncio.Event, stamp: Pa
                 await asyncio.wait_for(stop.wait(), HEALTH_EVERY)
             except TimeoutError:
                 pass
+    from stigmer.runner.tools import close_servers
+
+    await close_servers()  # the MCP server processes this worker started
     log.info("worker stopped")
 
 
-def main() -> int:
+def main(*, stamp: bool = True) -> int:
+    """Run the worker until SIGTERM. `stamp`: write the health stamp the daemon's supervisor reads (a
+    `stigmer worker` on its own has no supervisor)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     paths = Paths.from_env()
     settings = store.load(paths)
-    stamp = health_file(paths, RUNNER) if os.environ.get("STIGMER_RUNNER_STAMP", "1") != "0" else None
+    stamp_file = health_file(paths, RUNNER) if stamp else None
 
     async def run() -> None:
         stop = asyncio.Event()
@@ -76,7 +114,7 @@ def main() -> int:
                 loop.add_signal_handler(sig, stop.set)
             except NotImplementedError:  # Windows: Ctrl-C still raises KeyboardInterrupt
                 pass
-        await serve(settings, paths, stop, stamp)
+        await serve(settings, paths, stop, stamp_file)
 
     code = 0
     try:
@@ -87,8 +125,8 @@ def main() -> int:
         log.exception("the agent runner failed")
         code = 1
     finally:
-        if stamp is not None:
-            stamp.unlink(missing_ok=True)
+        if stamp_file is not None:
+            stamp_file.unlink(missing_ok=True)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)  # temporalio's native threads can crash interpreter exit (sdk-python#300)

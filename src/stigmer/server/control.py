@@ -194,3 +194,19 @@ def fetch_status(paths: Paths, *, timeout: float = 5.0) -> dict[str, Any] | None
 
         return server_status(store.load(paths), paths)
     return data if isinstance(data, dict) else None
+
+
+def api(paths: Paths) -> Any:
+    """A client of the running server's API; NOT_RUNNING when there is none."""
+    from stigmer.server.client import ApiClient
+    from stigmer.server.token import read_token
+
+    state = st.read(paths)
+    token = read_token(paths)
+    if state is None or token is None or not is_running(paths):
+        raise StigmerError(
+            "The Stigmer server is not running.",
+            hint="Start it with: stigmer server",
+            code=ErrorCode.NOT_RUNNING,
+        )
+    return ApiClient(state.api_url, token)

@@ -169,8 +169,8 @@ class Supervisor:
             return True
         if rec is not None:
             if m.probe():
-                if m.unhealthy:
-                    m.unhealthy = 0
+                if m.unhealthy or m.status.state != st.RUNNING:
+                    self._running(m, rec)  # answering again (it was only slow)
                     return True
                 return False
             m.unhealthy += 1
@@ -202,14 +202,20 @@ class Supervisor:
                 f"{m.policy.window:.0f} s; no more restarts: run  stigmer server restart)"
             )
             log.error("%s keeps failing; giving up", m.name)
+            self.runner.stop(m.name, timeout=m.stop_timeout)  # one that is alive but not answering
             return True
         from stigmer.services.lock import try_control_lock
 
         with try_control_lock(self.paths) as held:
             if not held:
                 return False  # a stigmer command is starting or stopping things: next round
-            if self.runner.record(m.name) is not None:
-                return False  # it came back meanwhile (restarted by that command)
+            current = self.runner.record(m.name)
+            if current is not None and m.record is not None and current.pid != m.record.pid:
+                self._running(m, current)  # that command replaced it meanwhile
+                return True
+            if current is not None:
+                # Alive but not answering: stop it first, so that there is never a second one.
+                self.runner.stop(m.name, timeout=m.stop_timeout)
             m.restarts.append(now)
             m.status.restarts += 1
             try:

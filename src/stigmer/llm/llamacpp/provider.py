@@ -15,9 +15,9 @@ from pathlib import Path
 
 from stigmer.errors import ErrorCode, StigmerError
 from stigmer.events import STARTING, Event, Reporter
-from stigmer.llm.llamacpp import sources
-from stigmer.llm.llamacpp.starter import STARTER_MODEL, starter_model_path
-from stigmer.llm.llamacpp.store import StoredModel
+from stigmer.llm.models import sources
+from stigmer.llm.models.starter import STARTER_MODEL, starter_model_path
+from stigmer.llm.models.store import StoredModel
 from stigmer.llm.names import parse_model_name, same_model
 from stigmer.llm.provider import (
     SERVICE,

@@ -25,7 +25,7 @@ def main() -> int:
         port=settings.server.port,
         log_level="warning",
         access_log=False,
-        lifespan="off",
+        lifespan="on",  # opens the database and resumes watching unfinished executions
         server_header=False,
     )
     logging.getLogger("stigmer.api").info(

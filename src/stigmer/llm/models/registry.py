@@ -19,7 +19,6 @@ import hashlib
 import json
 import logging
 import re
-import time
 import urllib.error
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,10 +27,12 @@ from urllib.parse import urlsplit
 
 from stigmer.errors import ErrorCode, IntegrityError, NetworkUnreachable, StigmerError
 from stigmer.events import INSTALLING, Event, Reporter
-from stigmer.llm.llamacpp.store import ModelStore, StoredModel
+from stigmer.hashing import sha256_file
+from stigmer.llm.models.store import ModelStore, StoredModel
 from stigmer.llm.names import DEFAULT_HOST, ModelName
 from stigmer.net import http, parts
 from stigmer.net.download import check_disk, human_bytes
+from stigmer.net.fetch import fetch_small
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +41,13 @@ LAYER = "application/vnd.ollama.image."
 MODEL, TEMPLATE, PARAMS = LAYER + "model", LAYER + "template", LAYER + "params"
 MAX_MANIFEST = 1024 * 1024
 MAX_SMALL_LAYER = 1024 * 1024  # templates and params are a few KB; refuse to buffer anything large
-SMALL_ATTEMPTS = 3
 STALL_TIMEOUT = http.DEFAULT_TIMEOUT  # no byte for this long: the part is retried (tests lower it)
 MIRROR_HINT = (
     "Run the same command again: the download resumes where it stopped. If the registry is "
     "blocked on your network, use a mirror: stigmer config set llm.registry_url URL"
 )
+# What the download layer adds to its own advice when the registry serves a wrong or no file.
+REGISTRY_HINT = "If it repeats, check the registry or mirror (llm.registry_url)."
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 
 
@@ -143,7 +145,7 @@ def _download_model(
     """The verified model layer in downloads/, fetched in parallel parts (resuming an earlier try)."""
     dest = downloads / f"sha256-{model.hex}"
     # Finished but not yet moved into the store (a crash between the two): check it, do not fetch again.
-    if dest.is_file() and dest.stat().st_size == model.size and _sha256_file(dest) == model.hex:
+    if dest.is_file() and dest.stat().st_size == model.size and sha256_file(dest) == model.hex:
         report(Event(INSTALLING, label, key=model.digest, done=model.size, total=model.size))
         return dest
 
@@ -159,20 +161,11 @@ def _download_model(
             what=f"model {name} ({human_bytes(model.size)})",
             on_progress=progress,
             timeout=STALL_TIMEOUT,
+            hint=REGISTRY_HINT,
         )
     except NetworkUnreachable as e:
         raise NetworkUnreachable(f"Pulling {name} failed: {e.message}", hint=MIRROR_HINT, code=e.code) from e
     return got.path
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb", buffering=0) as f:
-        buf = bytearray(parts.HASH_BLOCK)
-        view = memoryview(buf)
-        while n := f.readinto(buf):
-            h.update(view[:n])
-    return h.hexdigest()
 
 
 def fetch_manifest(name: ModelName, url: str) -> list[Layer]:
@@ -255,29 +248,14 @@ def _fetch_small(name: ModelName, registry_url: str, layer: Layer, report: Repor
     url = blob_url(name, registry_url, layer.digest)
     label = f"pulling {layer.hex[:12]}"
     report(Event(INSTALLING, label, key=layer.digest, done=0, total=layer.size))
-    for attempt in range(1, SMALL_ATTEMPTS + 1):
-        try:
-            with http.request(url, headers={"Accept-Encoding": "identity"}, timeout=STALL_TIMEOUT) as resp:
-                data: bytes = resp.read(MAX_SMALL_LAYER + 1)
-            break
-        except urllib.error.HTTPError as e:
-            e.close()
-            if e.code < 500 and e.code != 429:
-                raise StigmerError(
-                    f"Pulling {name} failed: the registry answered HTTP {e.code} for layer {layer.digest}.",
-                    hint=MIRROR_HINT,
-                    code=ErrorCode.DOWNLOAD_HTTP_ERROR,
-                ) from None
-            reason = f"HTTP {e.code}"
-        except (urllib.error.URLError, OSError) as e:
-            reason = http.describe(e)
-        if attempt == SMALL_ATTEMPTS:
-            raise NetworkUnreachable(
-                f"Pulling {name} failed: {reason} while fetching layer {layer.digest}.",
-                hint=MIRROR_HINT,
-                code=ErrorCode.DOWNLOAD_FAILED,
-            )
-        time.sleep(parts.backoff(attempt))
+    try:
+        # One byte more than announced, so that a longer body fails the size check below.
+        data = fetch_small(
+            url, what=f"layer {layer.digest} of {name}", limit=layer.size + 1, timeout=STALL_TIMEOUT
+        ).data
+    except StigmerError as e:
+        e.hint = MIRROR_HINT  # the registry's advice (resume, use a mirror) instead of the generic one
+        raise
     got = hashlib.sha256(data).hexdigest()
     if len(data) != layer.size or got != layer.hex:
         raise IntegrityError(

@@ -59,7 +59,7 @@ class ModelStore:
     def locked(self) -> Iterator[None]:
         from filelock import FileLock
 
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         with FileLock(str(self.root / ".lock"), timeout=600):
             yield
 
@@ -122,7 +122,7 @@ class ModelStore:
     def adopt(self, src: Path, sha256: str) -> Path:
         """Move a verified file into the blob folder (atomic rename within one disk)."""
         dest = self.blob_path(sha256)
-        self.blobs.mkdir(parents=True, exist_ok=True)
+        self.blobs.mkdir(mode=0o700, parents=True, exist_ok=True)
         if not dest.exists():
             os.replace(src, dest)
         else:

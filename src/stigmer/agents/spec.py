@@ -1,0 +1,183 @@
+"""What an agent is, as users write it in YAML, checked field by field.
+
+    name: poet                      # required: letters, digits, - and _
+    instructions: You write short poems.
+    model: qwen2.5-coder:7b         # optional: the configured llm.model when absent
+    temperature: 0.7                # optional, 0-2
+    max_tokens: 512                 # optional, 1-1000000
+
+A bad file is refused with the field and its line; nothing is stored.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from stigmer.errors import ErrorCode, StigmerError
+
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
+MAX_INSTRUCTIONS = 100_000
+MAX_FILE = 1024 * 1024
+DEFAULT_AGENT = "default"
+FIELDS = ("name", "instructions", "model", "temperature", "max_tokens", "tools", "mcp_servers", "workspace")
+
+
+@dataclass(frozen=True)
+class AgentSpec:
+    name: str
+    instructions: str = ""
+    model: str | None = None
+    temperature: float | None = None
+    max_tokens: int | None = None
+    # What the agent may do (tools, MCP servers, its workspace): parsed by stigmer.agents.tools.
+    tools: list[Any] = field(default_factory=list)
+    mcp_servers: list[Any] = field(default_factory=list)
+    workspace: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            k: v for k, v in asdict(self).items() if v not in (None, [], "") or k in ("name", "instructions")
+        }
+
+
+BUILTIN = AgentSpec(
+    name=DEFAULT_AGENT,
+    instructions="You are a helpful assistant. Answer clearly and concisely.",
+)
+
+
+def invalid(message: str, hint: str = "") -> StigmerError:
+    return StigmerError(
+        message,
+        hint=hint or "An agent file needs at least `name:`; see `stigmer agent --help` for the fields.",
+        code=ErrorCode.INVALID_INPUT,
+    )
+
+
+def parse_yaml(text: str, source: str = "agent file") -> AgentSpec:
+    """An AgentSpec from YAML text, or an error naming the field and line."""
+    from ruamel.yaml import YAML
+    from ruamel.yaml.error import YAMLError
+
+    if len(text) > MAX_FILE:
+        raise invalid(f"{source} is larger than {MAX_FILE // 1024} KB.")
+    if "&" in text and "*" in text:
+        _refuse_aliases(text, source)
+    try:
+        doc: Any = YAML(typ="rt").load(text)
+    except YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark is not None else source
+        raise invalid(f"{where}: not valid YAML ({getattr(e, 'problem', None) or e}).") from None
+    if not isinstance(doc, dict):
+        raise invalid(f"{source}: an agent file is a mapping of fields (name:, instructions:, ...).")
+
+    positions: Any = doc  # ruamel's CommentedMap knows where each key was
+
+    def line(key: str) -> str:
+        try:
+            return f"{source}:{positions.lc.key(key)[0] + 1}"
+        except Exception:  # positions are a nicety
+            return source
+
+    return from_dict(dict(doc), where=line)
+
+
+def _refuse_aliases(text: str, source: str) -> None:
+    from ruamel.yaml import YAML
+    from ruamel.yaml.events import AliasEvent
+
+    for event in YAML(typ="rt").parse(text):
+        if isinstance(event, AliasEvent):
+            raise invalid(f"{source}:{event.start_mark.line + 1}: YAML aliases (*) are not allowed.")
+
+
+def from_dict(raw: dict[str, Any], where: Any = None) -> AgentSpec:
+    """An AgentSpec from plain data (an API body, a stored row); `where(field)` names a field's place."""
+
+    def at(key: str) -> str:
+        return where(key) if where is not None else "agent"
+
+    unknown = [k for k in raw if k not in FIELDS]
+    if unknown:
+        raise invalid(
+            f"{at(unknown[0])}: unknown field {unknown[0]!r}.", f"Known fields: {', '.join(FIELDS)}."
+        )
+    name = raw.get("name")
+    if not isinstance(name, str) or not NAME.fullmatch(name):
+        raise invalid(
+            f"{at('name')}: field 'name' must be 1-63 letters, digits, - or _ (starting with a letter or digit), "
+            f"not {_shown(name)}."
+        )
+    instructions = raw.get("instructions", "")
+    if instructions is None:
+        instructions = ""
+    if not isinstance(instructions, str) or len(instructions) > MAX_INSTRUCTIONS:
+        raise invalid(
+            f"{at('instructions')}: field 'instructions' must be text of at most {MAX_INSTRUCTIONS} characters."
+        )
+    model = raw.get("model")
+    if model is not None:
+        from stigmer.llm.names import parse_model_name
+
+        if not isinstance(model, str):
+            raise invalid(f"{at('model')}: field 'model' must be a model name like qwen2.5-coder:7b.")
+        try:
+            parse_model_name(model)
+        except StigmerError as e:
+            raise invalid(f"{at('model')}: field 'model': {e.message}") from None
+    temperature = raw.get("temperature")
+    if temperature is not None:
+        if (
+            isinstance(temperature, bool)
+            or not isinstance(temperature, int | float)
+            or not 0 <= temperature <= 2
+        ):
+            raise invalid(
+                f"{at('temperature')}: field 'temperature' must be a number from 0 to 2, not {_shown(temperature)}."
+            )
+        temperature = float(temperature)
+    max_tokens = raw.get("max_tokens")
+    if max_tokens is not None and (type(max_tokens) is not int or not 1 <= max_tokens <= 1_000_000):
+        raise invalid(
+            f"{at('max_tokens')}: field 'max_tokens' must be a whole number from 1 to 1000000, not {_shown(max_tokens)}."
+        )
+    tools = raw.get("tools") or []
+    servers = raw.get("mcp_servers") or []
+    if not isinstance(tools, list):
+        raise invalid(f"{at('tools')}: field 'tools' must be a list.")
+    if not isinstance(servers, list):
+        raise invalid(f"{at('mcp_servers')}: field 'mcp_servers' must be a list.")
+    workspace = raw.get("workspace")
+    if workspace is not None and not isinstance(workspace, str):
+        raise invalid(f"{at('workspace')}: field 'workspace' must be a folder path.")
+    spec = AgentSpec(
+        name=name,
+        instructions=instructions,
+        model=model,
+        temperature=temperature,
+        max_tokens=max_tokens,
+        tools=_plain(tools),
+        mcp_servers=_plain(servers),
+        workspace=workspace,
+    )
+    from stigmer.agents.tools import check_tools
+
+    check_tools(spec, at)
+    return spec
+
+
+def _plain(value: Any) -> Any:
+    """ruamel's commented containers as plain lists and dicts (JSON-ready)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."

@@ -1,0 +1,385 @@
+"""`stigmer run`, `stigmer agent ...`, `stigmer execution ...`, `stigmer worker`: all through the server's
+HTTP API (the CLI never imports temporalio)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from stigmer.cli.render import Out
+from stigmer.errors import ErrorCode, StigmerError
+from stigmer.paths import Paths
+from stigmer.server.client import ApiClient
+
+MAX_STDIN = 100_000
+
+
+def _api(*, start: bool = False, out: Out | None = None) -> ApiClient:
+    from stigmer.server import control
+
+    paths = Paths.from_env()
+    if start and not control.is_running(paths):
+        from stigmer.cli.server_cmd import bring_up
+
+        bring_up(out or Out())
+    client: ApiClient = control.api(paths)
+    return client
+
+
+# -- stigmer run ---------------------------------------------------------------------------------------------
+def _message(args: argparse.Namespace) -> str:
+    if args.message is not None:
+        return str(args.message)
+    if sys.stdin.isatty():
+        raise StigmerError(
+            "No message given.",
+            hint='Give one:  stigmer run -m "Say hello"   (or pipe it in)',
+            code=ErrorCode.USAGE,
+        )
+    text = sys.stdin.read(MAX_STDIN + 1)
+    if len(text) > MAX_STDIN:
+        raise StigmerError(
+            f"The message on stdin is longer than {MAX_STDIN} characters.", code=ErrorCode.USAGE
+        )
+    return text
+
+
+def run(args: argparse.Namespace) -> int:
+    out = Out()
+    message = _message(args)
+    api = _api(start=True, out=out)
+    record = api.post("/v1/executions", {"agent": args.agent, "message": message})
+    exec_id = str(record["id"])
+    if args.detach:
+        out.line(exec_id)
+        return 0
+    return follow(api, exec_id, out, json_output=args.json, cancel_on_interrupt=True)
+
+
+class StreamView:
+    """Prints an execution's events the way the original CLI did, text streaming as it arrives."""
+
+    def __init__(self, out: Out, *, quiet: bool) -> None:
+        self.out = out
+        self.quiet = quiet  # --json: nothing but the final record on stdout
+        self.in_text = False
+        self.final: dict[str, Any] | None = None
+
+    def _print(self, text: str, end: str = "\n") -> None:
+        if not self.quiet:
+            print(text, end=end, file=self.out.stdout, flush=True)
+
+    def _end_text(self) -> None:
+        if self.in_text:
+            self._print("")
+            self.in_text = False
+
+    def handle(self, kind: str, data: dict[str, Any]) -> bool:
+        """Show one event; True once the execution has ended."""
+        marks = self.out.marks
+        if kind == "pending":
+            self._print(f"{marks['pending']} Execution pending...")
+        elif kind == "started":
+            self._print(
+                f"{marks['started']} Execution started ({data.get('model', '')} on {data.get('provider', '')})"
+            )
+        elif kind == "delta":
+            if not self.in_text:
+                self._print(f"{marks['agent']} Agent: ", end="")
+                self.in_text = True
+            self._print(str(data.get("text", "")), end="")
+        elif kind == "retry":
+            self._end_text()
+            self._print(
+                f"{marks['warn']} The model call is being retried (attempt {data.get('attempt')}); "
+                "its answer starts over:"
+            )
+        elif kind == "tool_call":
+            self._end_text()
+            args = json.dumps(data.get("args") or {}, ensure_ascii=False)
+            self._print(f"{marks['tool']} Tool: {data.get('name')}({_short(args, 200)})")
+        elif kind == "tool_result":
+            self._print(f"   {marks['arrow']} {_short(str(data.get('content', '')), 300)}")
+        elif kind == "approval_required":
+            self._end_text()
+            args = json.dumps(data.get("args") or {}, ensure_ascii=False)
+            self._print(f"{marks['warn']} Waiting for approval: {data.get('name')}({_short(args, 200)})")
+        elif kind == "approval":
+            verdict = "allowed" if data.get("approved") else "denied"
+            self._print(
+                f"   {data.get('name', 'tool')} {verdict}" + (" (always)" if data.get("always") else "")
+            )
+        elif kind == "cancelling":
+            self._end_text()
+        elif kind in ("completed", "failed", "cancelled"):
+            self._end_text()
+            self.final = data.get("record") or {}
+            return True
+        return False
+
+    def summary(self) -> None:
+        rec = self.final or {}
+        marks = self.out.marks
+        state = rec.get("state")
+        if state == "COMPLETED":
+            self._print(f"{marks['completed']} Execution completed")
+        elif state == "CANCELLED":
+            self._print(f"{marks['failed']} Execution cancelled")
+        else:
+            self._print(f"{marks['failed']} Execution failed: {rec.get('error') or 'unknown reason'}")
+        self._print(self.out.rule)
+        usage = rec.get("usage") or {}
+        self._print(f"Duration: {rec.get('duration') or 0:.1f}s")
+        if rec.get("model"):
+            self._print(f"Model: {rec.get('model')} ({rec.get('provider')})")
+        if usage.get("input_tokens") is not None:
+            self._print(f"Tokens: {usage.get('input_tokens')} in, {usage.get('output_tokens')} out")
+        self._print(f"Attempts: {rec.get('attempts') or 1}")
+        self._print(f"Tool calls: {rec.get('tool_calls') or 0}")
+        self._print(f"Total messages: {len(rec.get('messages') or [])}")
+
+
+def follow(
+    api: ApiClient, exec_id: str, out: Out, *, json_output: bool = False, cancel_on_interrupt: bool
+) -> int:
+    view = StreamView(out, quiet=json_output)
+    last = ""
+    cancelled_here = False
+    while True:
+        try:
+            for event_id, kind, raw in api.events(
+                f"/v1/executions/{exec_id}/events", last_event_id=last or None
+            ):
+                last = event_id or last
+                data = json.loads(raw) if raw else {}
+                if kind == "approval_required" and not json_output and not cancelled_here:
+                    view.handle(kind, data)
+                    _ask(api, exec_id, data, out)
+                    continue
+                if view.handle(kind, data):
+                    break
+            else:
+                continue  # the stream ended without an outcome (the API restarted): reconnect from `last`
+            break
+        except KeyboardInterrupt:
+            if not cancel_on_interrupt or cancelled_here:
+                raise
+            cancelled_here = True
+            out.note(f"\n{out.marks['warn']} Cancelling execution {exec_id}...")
+            api.post(f"/v1/executions/{exec_id}/cancel")
+        except StigmerError as e:
+            if e.code is not ErrorCode.NOT_RUNNING:
+                raise
+            import time
+
+            time.sleep(1)  # the API is being restarted by its supervisor: reconnect where we were
+    record = view.final or api.get(f"/v1/executions/{exec_id}")
+    if json_output:
+        out.json(record)
+    else:
+        view.summary()
+    state = record.get("state")
+    if state == "COMPLETED":
+        return 0
+    if state == "CANCELLED":
+        return ErrorCode.INTERRUPTED.exit_code if cancelled_here else ErrorCode.EXECUTION_CANCELLED.exit_code
+    return ErrorCode.EXECUTION_FAILED.exit_code
+
+
+def _ask(api: ApiClient, exec_id: str, data: dict[str, Any], out: Out) -> None:
+    """On a terminal, ask at once; elsewhere the execution waits for `stigmer execution approve|deny`."""
+    if not (sys.stdin.isatty() and out.stdout.isatty()):
+        out.note(f"   Waiting: answer with  stigmer execution approve {exec_id}  (or deny)")
+        return
+    args = json.dumps(data.get("args") or {}, ensure_ascii=False)
+    answer = input(f"Allow {data.get('name')}({_short(args, 200)})? [y/N/a(lways)] ").strip().lower()
+    approve = answer in ("y", "yes", "a", "always")
+    always = answer in ("a", "always")
+    verb = "approve" if approve else "deny"
+    api.post(f"/v1/executions/{exec_id}/{verb}", {"call_id": data.get("id"), "always": always})
+
+
+def _short(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# -- stigmer agent -------------------------------------------------------------------------------------------
+def agent_apply(args: argparse.Namespace) -> int:
+    from stigmer.agents.spec import MAX_FILE
+
+    if args.file == "-":
+        text, source = sys.stdin.read(MAX_FILE + 1), "stdin"
+    else:
+        from pathlib import Path
+
+        path = Path(args.file).expanduser()
+        try:
+            with path.open("rb") as f:
+                raw = f.read(MAX_FILE + 1)
+        except FileNotFoundError:
+            raise StigmerError(f"No such file: {path}", code=ErrorCode.NOT_FOUND) from None
+        except IsADirectoryError:
+            raise StigmerError(
+                f"{path} is a folder, not an agent file.", code=ErrorCode.INVALID_INPUT
+            ) from None
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise StigmerError(f"{path} is not UTF-8 text.", code=ErrorCode.INVALID_INPUT) from None
+        source = path.name
+    result = _api(start=True).post("/v1/agents", {"yaml": text, "source": source})
+    verb = "created" if result.get("created") else "updated"
+    Out().success(f"Agent {result['agent']['name']} {verb}")
+    return 0
+
+
+def agent_list(args: argparse.Namespace) -> int:
+    agents = _api(start=True).get("/v1/agents")
+    out = Out()
+    if args.json:
+        out.json(agents)
+        return 0
+    out.line("Agents:")
+    out.line(out.rule)
+    for a in agents:
+        first = (a.get("instructions") or "").strip().splitlines()
+        about = _short(first[0], 60) if first else ""
+        out.line(f"  {a['name']:<20} {a.get('model') or '(configured model)':<24} {about}")
+    return 0
+
+
+def agent_get(args: argparse.Namespace) -> int:
+    agent = _api(start=True).get(f"/v1/agents/{args.name}")
+    out = Out()
+    if args.json:
+        out.json(agent)
+        return 0
+    import io
+
+    from ruamel.yaml import YAML
+
+    buf = io.StringIO()
+    YAML().dump(agent, buf)
+    out.stdout.write(buf.getvalue())
+    return 0
+
+
+def agent_rm(args: argparse.Namespace) -> int:
+    import urllib.parse
+
+    _api().request("DELETE", f"/v1/agents/{urllib.parse.quote(args.name, safe='')}")
+    Out().success(f"Agent {args.name} removed")
+    return 0
+
+
+# -- stigmer execution ---------------------------------------------------------------------------------------
+def execution_list(args: argparse.Namespace) -> int:
+    import urllib.parse
+
+    query = urllib.parse.urlencode({k: v for k, v in (("state", args.state), ("agent", args.agent)) if v})
+    rows = _api().get(f"/v1/executions?limit={args.limit}" + (f"&{query}" if query else ""))
+    out = Out()
+    if args.json:
+        out.json(rows)
+        return 0
+    if not rows:
+        out.info('No executions yet. Run one: stigmer run -m "Say hello"', err=False)
+        return 0
+    out.line(f"{'ID':<20} {'STATE':<17} {'AGENT':<14} {'MODEL':<22} {'DURATION':>9}")
+    for r in rows:
+        duration = f"{r['duration']:.1f}s" if r.get("duration") is not None else "-"
+        out.line(
+            f"{r['id']:<20} {r['state']:<17} {r['agent'][:14]:<14} {(r.get('model') or '-')[:22]:<22} {duration:>9}"
+        )
+    return 0
+
+
+def execution_get(args: argparse.Namespace) -> int:
+    record = _api().get(f"/v1/executions/{_id(args.id)}")
+    out = Out()
+    if args.json:
+        out.json(record)
+        return 0
+    out.line(f"Execution {record['id']}")
+    out.line(out.rule)
+    for key in ("state", "agent", "model", "provider", "endpoint", "attempts", "tool_calls", "error"):
+        if record.get(key) not in (None, ""):
+            out.line(f"  {key.replace('_', ' ').capitalize() + ':':<12} {record[key]}")
+    if record.get("duration") is not None:
+        out.line(f"  {'Duration:':<12} {record['duration']:.1f}s")
+    usage = record.get("usage") or {}
+    if usage.get("input_tokens") is not None:
+        out.line(f"  {'Tokens:':<12} {usage['input_tokens']} in, {usage['output_tokens']} out")
+    out.line()
+    out.line("Messages:")
+    for m in record.get("messages") or []:
+        out.line(f"  [{m['role']}] {m['content']}")
+    for pending in record.get("approvals") or []:
+        out.line(f"  waiting for approval: {pending['tool']}({json.dumps(pending['args'])})")
+    return 0
+
+
+def execution_cancel(args: argparse.Namespace) -> int:
+    record = _api().post(f"/v1/executions/{_id(args.id)}/cancel")
+    Out().success(f"Cancellation requested for {record['id']} (state {record['state']})")
+    return 0
+
+
+def execution_logs(args: argparse.Namespace) -> int:
+    api = _api()
+    out = Out()
+    if args.follow:
+        return follow(api, _id(args.id), out, cancel_on_interrupt=False)
+    record = api.get(f"/v1/executions/{_id(args.id)}")
+    view = StreamView(out, quiet=False)
+    for kind, data in [(e["kind"], e["data"]) for e in _events_so_far(api, record["id"])]:
+        if view.handle(kind, data):
+            view.summary()
+            break
+    return 0
+
+
+def _events_so_far(api: ApiClient, exec_id: str) -> list[dict[str, Any]]:
+    """The events already stored, without waiting for more."""
+    out: list[dict[str, Any]] = []
+    record = api.get(f"/v1/executions/{exec_id}")
+    if record["state"] in ("COMPLETED", "FAILED", "CANCELLED"):
+        for _event_id, kind, raw in api.events(f"/v1/executions/{exec_id}/events"):
+            out.append({"kind": kind, "data": json.loads(raw) if raw else {}})
+    else:
+        Out().note("The execution is still running: attach to it with  -f")
+    return out
+
+
+def _decide(args: argparse.Namespace, verb: str) -> int:
+    api = _api()
+    record = api.post(f"/v1/executions/{_id(args.id)}/{verb}", {"always": args.always})
+    Out().success(
+        f"{'Approved' if verb == 'approve' else 'Denied'}: {record.get('decided', 'the pending tool call')}"
+    )
+    return 0
+
+
+def execution_approve(args: argparse.Namespace) -> int:
+    return _decide(args, "approve")
+
+
+def execution_deny(args: argparse.Namespace) -> int:
+    return _decide(args, "deny")
+
+
+def _id(text: str) -> str:
+    import urllib.parse
+
+    return urllib.parse.quote(text.strip(), safe="")
+
+
+# -- stigmer worker ------------------------------------------------------------------------------------------
+def worker(_args: argparse.Namespace) -> int:
+    from stigmer.cli.common import context
+    from stigmer.runner.worker import main
+
+    _paths, _settings = context()  # refuse a bad configuration before importing the worker
+    return main(stamp=False)

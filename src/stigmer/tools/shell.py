@@ -1,0 +1,335 @@
+"""Run one command for an agent in its workspace, and leave nothing behind.
+
+- An argv list, never a shell: a string is refused unless the agent file sets allow_shell_string, and
+  then it runs as ["sh", "-c", command] (still an argv; never shell=True).
+- The environment comes from an allow-list (stigmer.services.env.child_env): API keys and tokens
+  (STIGMER_LLM_API_KEY, OPENAI_API_KEY, HF_TOKEN, ...) never reach the command. Proxy variables are
+  passed on, unless they carry a password.
+- stdin is /dev/null, stdout and stderr share one pipe (interleaved as a terminal shows them).
+- The command gets its own session and process group (POSIX; a new process group on Windows). At the
+  deadline the whole group gets SIGTERM, then SIGKILL after TERM_GRACE seconds. When the command
+  exits on its own, whatever it left running in its group is stopped the same way: a tool call does
+  not leave daemons behind.
+- Output is read as it comes. Past max_output, the first and last halves are kept and the middle is
+  counted and dropped, so memory stays bounded; the command is *not* killed for talking too much (a
+  verbose build should still finish and report its real exit code). A command that prints forever
+  therefore runs until its timeout.
+
+Not a sandbox: the command runs as the user, with the user's files. A process that moves itself into
+another session (setsid, a double fork) escapes the group kill; on POSIX we stop reading its output
+DRAIN_AFTER_EXIT seconds after the command ends. On Windows, processes left behind after a normal exit
+are not tracked (that would need a job object).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+from urllib.parse import urlsplit
+
+from stigmer.services.env import PROXY, child_env
+from stigmer.tools.errors import ToolFailure
+
+log = logging.getLogger(__name__)
+
+TERM_GRACE = 2.0  # seconds between SIGTERM and SIGKILL
+DRAIN_AFTER_EXIT = 1.0  # seconds to keep reading output held open by a process that escaped the group
+CHUNK = 64 * 1024
+POLL = 0.05
+CREATE_NEW_PROCESS_GROUP = 0x00000200  # Windows
+
+
+@dataclass(frozen=True)
+class ShellResult:
+    exit_code: int  # negative: killed by that signal (POSIX)
+    output: str  # stdout and stderr interleaved, at most about max_output bytes plus notes
+    timed_out: bool
+    truncated: bool
+
+
+def run(
+    argv: list[str] | str,
+    *,
+    cwd: Path,
+    timeout: float,
+    max_output: int = 64_000,
+    allow_shell_string: bool = False,
+    environ: Mapping[str, str] | None = None,
+) -> ShellResult:
+    """Run argv in `cwd` (the workspace root) with a deadline. `environ` is the environment the
+    command's is drawn from (os.environ when None): only allow-listed, non-secret names pass."""
+    if timeout <= 0 or max_output < 1:
+        raise ValueError("timeout must be positive and max_output at least 1")
+    if not Path(cwd).is_dir():
+        raise ValueError(f"cwd {cwd} is not a folder")
+    command = command_argv(argv, allow_shell_string=allow_shell_string)
+    log.debug("running %s in %s", command, cwd)
+    try:
+        proc = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            cwd=cwd,
+            env=command_env(environ),
+            close_fds=True,
+            **popen_options(),
+        )
+    except FileNotFoundError:
+        hint = " (shell strings need sh)" if isinstance(argv, str) else ""
+        raise ToolFailure(f"command not found: {command[0]!r}{hint}") from None
+    except PermissionError:
+        raise ToolFailure(f"{command[0]!r} cannot be run: permission denied") from None
+    except OSError as e:
+        raise ToolFailure(f"could not start {command[0]!r}: {e.strerror or e}") from None
+    out = _Output(max_output)
+    deadline = time.monotonic() + timeout
+    try:
+        timed_out = (
+            _run_windows(proc, out, deadline) if sys.platform == "win32" else _run_posix(proc, out, deadline)
+        )
+    except BaseException:  # a bug or an interrupt here must not leave the command running
+        _kill_now(proc)
+        raise
+    output = out.text()
+    if timed_out:
+        output += f"\n[timed out after {timeout:g}s: the command and the processes it started were stopped]"
+    code = proc.returncode if proc.returncode is not None else -9  # as if killed (SIGKILL)
+    return ShellResult(exit_code=code, output=output, timed_out=timed_out, truncated=out.truncated)
+
+
+def command_argv(argv: object, *, allow_shell_string: bool) -> list[str]:
+    """The argv to start, or a ToolFailure telling the model what to send instead."""
+    if isinstance(argv, str):
+        if not allow_shell_string:
+            raise ToolFailure(
+                'pass the command as a list of arguments, such as ["ls", "-l", "src"]; '
+                "shell command strings are not enabled for this agent"
+            )
+        if not argv.strip():
+            raise ToolFailure("the command is empty")
+        return command_argv(["sh", "-c", argv], allow_shell_string=False)
+    if not isinstance(argv, list | tuple) or not argv:
+        raise ToolFailure('pass the command as a non-empty list of arguments, such as ["ls", "-l"]')
+    if not all(isinstance(a, str) for a in argv):
+        raise ToolFailure("every argument must be text")
+    if not argv[0]:
+        raise ToolFailure("the program name (the first argument) is empty")
+    if any("\x00" in a for a in argv):
+        raise ToolFailure("an argument contains a NUL byte")
+    try:
+        for a in argv:
+            os.fsencode(a)
+    except UnicodeEncodeError:
+        raise ToolFailure("an argument is not valid text (it holds an unpaired surrogate)") from None
+    return list(argv)
+
+
+def command_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The command's environment: child_env's allow-list plus proxies (not those with a password), and
+    settings that keep programs from waiting for a terminal nobody is at."""
+    env = child_env(PROXY, environ=environ)
+    for name in PROXY:
+        value = env.get(name, "")
+        if "@" in (urlsplit(value).netloc if "://" in value else value):
+            del env[name]  # http://user:password@proxy:3128 is a secret too
+    env.update({"PAGER": "cat", "GIT_PAGER": "cat", "GIT_TERMINAL_PROMPT": "0"})
+    return env
+
+
+def popen_options(platform: str = sys.platform) -> dict[str, Any]:
+    """Popen keyword arguments that give the command a process group of its own."""
+    if platform == "win32":
+        return {"creationflags": CREATE_NEW_PROCESS_GROUP}
+    return {"start_new_session": True}  # a new session and group; no controlling terminal either
+
+
+class _Output:
+    """The first and last halves of at most `limit` bytes; the middle is counted, not kept."""
+
+    def __init__(self, limit: int) -> None:
+        self.head_cap = limit - limit // 2
+        self.tail_cap = limit // 2
+        self.head = bytearray()
+        self.tail = bytearray()
+        self.total = 0
+        self.lock = threading.Lock()  # the Windows reader thread adds while the caller may read
+
+    def add(self, data: bytes) -> None:
+        with self.lock:
+            self.total += len(data)
+            room = self.head_cap - len(self.head)
+            if room > 0:
+                self.head += data[:room]
+                data = data[room:]
+            if data and self.tail_cap:
+                self.tail += data[-self.tail_cap :]
+                if len(self.tail) > self.tail_cap:
+                    del self.tail[: len(self.tail) - self.tail_cap]
+
+    @property
+    def truncated(self) -> bool:
+        return self.total > self.head_cap + self.tail_cap
+
+    def text(self) -> str:
+        with self.lock:
+            if not self.truncated:
+                return (self.head + self.tail).decode("utf-8", "replace")
+            dropped = self.total - len(self.head) - len(self.tail)
+            head = self.head.decode("utf-8", "replace")
+            tail = self.tail.decode("utf-8", "replace")
+        return f"{head}\n[... {dropped} bytes of output omitted ...]\n{tail}"
+
+
+def _run_posix(proc: subprocess.Popen[bytes], out: _Output, deadline: float) -> bool:
+    """Read until the command ends or the deadline; stop its group; True when it timed out."""
+    assert proc.stdout is not None
+    pipe = proc.stdout
+    timed_out = _read_until(pipe, out, deadline, proc=proc)
+    if not timed_out:
+        try:
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            timed_out = True  # it closed its output but kept running
+    _stop_group(proc.pid, proc)
+    # What is still in the pipe; a process that escaped the group may hold it open, so not forever.
+    _read_until(pipe, out, time.monotonic() + DRAIN_AFTER_EXIT, proc=None)
+    pipe.close()
+    return timed_out
+
+
+def _read_until(
+    pipe: IO[bytes], out: _Output, deadline: float, *, proc: subprocess.Popen[bytes] | None
+) -> bool:
+    """Read into `out` until end of file, the deadline (returns True) or, when `proc` is given, its exit
+    (the rest is read after its group is stopped: a background child may hold the pipe open)."""
+    fd = pipe.fileno()
+    os.set_blocking(fd, False)
+    with selectors.DefaultSelector() as selector:
+        selector.register(fd, selectors.EVENT_READ)
+        while True:
+            if proc is not None and proc.poll() is not None:
+                return False
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return True
+            if selector.select(min(left, POLL)):
+                try:
+                    chunk = os.read(fd, CHUNK)
+                except BlockingIOError:
+                    continue
+                if not chunk:
+                    return False  # every writer has closed it
+                out.add(chunk)
+
+
+def _stop_group(pgid: int, proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM to the group, SIGKILL to whatever is left after TERM_GRACE; reap our child."""
+    if _group_alive(pgid):
+        _signal_group(pgid, signal.SIGTERM)
+        end = time.monotonic() + TERM_GRACE
+        while time.monotonic() < end and _group_alive(pgid):
+            proc.poll()  # reap the leader as soon as it exits, so it does not count as alive
+            time.sleep(POLL)
+        if _group_alive(pgid):
+            log.debug("process group %d outlived SIGTERM; killing it", pgid)
+            _signal_group(pgid, signal.SIGKILL)
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:  # stuck in the kernel (a dead NFS mount): nothing more to do
+        log.warning("pid %d did not exit after SIGKILL", proc.pid)
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether a live (not zombie) process is in the group. Zombies count for killpg(pgid, 0), and an
+    init that does not reap (some containers) would keep them around forever."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    import psutil
+
+    for pid in psutil.pids():
+        try:
+            if os.getpgid(pid) == pgid and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                return True
+        except (OSError, psutil.Error):
+            continue
+    return False
+
+
+def _run_windows(proc: subprocess.Popen[bytes], out: _Output, deadline: float) -> bool:
+    """Windows cannot select() on a pipe: a thread reads; psutil stops the process tree at the deadline."""
+    assert proc.stdout is not None
+    pipe = proc.stdout
+
+    def pump() -> None:
+        while chunk := os.read(pipe.fileno(), CHUNK):
+            out.add(chunk)
+
+    reader = threading.Thread(target=pump, name="shell-output", daemon=True)
+    reader.start()
+    try:
+        proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        timed_out = False
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        _stop_tree(proc.pid)
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            log.warning("pid %d did not exit after being killed", proc.pid)
+    reader.join(DRAIN_AFTER_EXIT)
+    return timed_out
+
+
+def _kill_now(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL the command's group (its tree on Windows) at once; for when we are failing ourselves."""
+    if sys.platform == "win32":
+        _stop_tree(proc.pid)
+    else:
+        _signal_group(proc.pid, signal.SIGKILL)
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        log.warning("pid %d did not exit after SIGKILL", proc.pid)
+
+
+def _stop_tree(pid: int) -> None:
+    import psutil
+
+    try:
+        parent = psutil.Process(pid)
+        procs = [parent, *parent.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _gone, alive = psutil.wait_procs(procs, timeout=TERM_GRACE)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
