@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from stigmer.cli.common import warn_notices
 from stigmer.cli.render import Out, Progress
-from stigmer.config import store
-from stigmer.config.store import Settings
 from stigmer.errors import ErrorCode, StigmerError
 from stigmer.paths import Paths
+
+if TYPE_CHECKING:
+    from stigmer.config.store import Settings
+
+# The settings are read only by the commands that need them: `status` asks the running server.
 
 
 def _waiting(out: Out) -> None:
@@ -18,6 +20,9 @@ def _waiting(out: Out) -> None:
 
 
 def _local_settings(paths: Paths, out: Out) -> tuple[Settings, bool]:
+    from stigmer.cli.common import warn_notices
+    from stigmer.config import store
+
     created = store.ensure_file(paths)
     settings = store.load(paths)
     warn_notices(settings)
