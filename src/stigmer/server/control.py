@@ -12,14 +12,16 @@ import os
 import subprocess
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from stigmer.config.store import Settings
 from stigmer.errors import ErrorCode, StigmerError
 from stigmer.events import STARTING, Event, Reporter
 from stigmer.fsutil import tail
 from stigmer.paths import Paths
 from stigmer.server import state as st
+
+if TYPE_CHECKING:
+    from stigmer.config.store import Settings
 
 START_TIMEOUT = 180.0
 POLL = 0.02

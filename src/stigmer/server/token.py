@@ -7,9 +7,7 @@ STIGMER_API_TOKEN.
 
 from __future__ import annotations
 
-import hmac
 import os
-import secrets
 
 from stigmer.fsutil import atomic_write
 from stigmer.paths import Paths
@@ -26,6 +24,8 @@ def ensure_token(paths: Paths) -> str:
     current = read_token(paths)
     if current:
         return current
+    import secrets
+
     paths.ensure_home()
     token = secrets.token_urlsafe(32)
     atomic_write(paths.home / "api.token", token.encode())
@@ -43,4 +43,6 @@ def read_token(paths: Paths) -> str | None:
 
 def same(given: str, expected: str) -> bool:
     """Constant-time comparison: the answer time must not tell how much of a guess was right."""
+    import hmac
+
     return hmac.compare_digest(given.encode(), expected.encode())
