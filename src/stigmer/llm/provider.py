@@ -136,6 +136,23 @@ class LocalRuntime(ABC):
     def ensure_model(self, model: str, report: Reporter) -> None:
         """Make the running server serve `model`, pulling it with progress when missing."""
 
+    def llm_spec(
+        self, argv: list[str], env: dict[str, str], *, what: str, model: str, ready_timeout: float = 30.0
+    ) -> ServiceSpec:
+        """The service spec every local LLM server shares: its record says what it serves and where."""
+        from stigmer.services.spec import ServiceSpec
+
+        return ServiceSpec(
+            name=SERVICE,
+            argv=argv,
+            env=env,
+            ready=self.healthy,
+            what=what,
+            address=host_port(self.base_url),
+            ready_timeout=ready_timeout,
+            info={"provider": self.name, "base_url": self.base_url, "model": model, **self.extra},
+        )
+
     def start(self, report: Reporter, model: str | None = None) -> ProcessRecord:
         """Start the server detached and wait until it answers."""
         from stigmer.services.manager import Services

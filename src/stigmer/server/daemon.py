@@ -44,23 +44,18 @@ def daemon_record(paths: Paths) -> records.ProcessRecord | None:
 
 @contextmanager
 def daemon_lock(paths: Paths) -> Iterator[None]:
-    from filelock import FileLock, Timeout
+    from stigmer.services.lock import held
 
     paths.ensure(paths.run_dir)
-    lock = FileLock(str(paths.run_dir / "daemon.lock"), mode=0o600)
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        rec = daemon_record(paths)
-        raise StigmerError(
-            "The Stigmer server is already running" + (f" (PID {rec.pid})." if rec else "."),
-            hint="See it with: stigmer server status    Stop it with: stigmer server stop",
-            code=ErrorCode.BUSY,
-        ) from None
-    try:
+    with held(paths.run_dir / "daemon.lock") as got:
+        if not got:
+            rec = daemon_record(paths)
+            raise StigmerError(
+                "The Stigmer server is already running" + (f" (PID {rec.pid})." if rec else "."),
+                hint="See it with: stigmer server status    Stop it with: stigmer server stop",
+                code=ErrorCode.BUSY,
+            )
         yield
-    finally:
-        lock.release()
 
 
 # -- the services -------------------------------------------------------------------------------------------

@@ -20,7 +20,6 @@ from stigmer.llm.models.starter import STARTER_MODEL, starter_model_path
 from stigmer.llm.models.store import StoredModel
 from stigmer.llm.names import parse_model_name, same_model
 from stigmer.llm.provider import (
-    SERVICE,
     LlmStatus,
     LocalRuntime,
     ModelCatalog,
@@ -116,15 +115,12 @@ class LlamaCppProvider(Provider, LocalRuntime, ModelCatalog):
     def service_spec(self, report: Reporter, model: str | None = None) -> ServiceSpec:
         stored = self._model_file(model or self.model, report)
         report(Event(STARTING, "Starting local LLM server (built-in engine)"))
-        return ServiceSpec(
-            name=SERVICE,
-            argv=self.engine_argv(stored),
-            env=self.engine_env(),
-            ready=self.healthy,
+        return self.llm_spec(
+            self.engine_argv(stored),
+            self.engine_env(),
             what="Local LLM server (built-in engine)",
-            address=host_port(self.base_url),
+            model=stored.name,
             ready_timeout=60,
-            info={"provider": self.name, "base_url": self.base_url, "model": stored.name, **self.extra},
         )
 
     def healthy(self) -> bool:

@@ -11,7 +11,6 @@ from stigmer.events import INSTALLING, STARTING, Event, Reporter
 from stigmer.llm.names import parse_model_name, same_model
 from stigmer.llm.ollama import assets
 from stigmer.llm.provider import (
-    SERVICE,
     LlmStatus,
     LocalRuntime,
     ModelCatalog,
@@ -120,19 +119,8 @@ class OllamaProvider(Provider, LocalRuntime, ModelCatalog):
             binary = self.runtime_binary()
         assert binary is not None
         report(Event(STARTING, "Starting local LLM server"))
-        return ServiceSpec(
-            name=SERVICE,
-            argv=self.server_argv(binary),
-            env=self.server_env(),
-            ready=self.healthy,
-            what="Local LLM server",
-            address=host_port(self.base_url),
-            info={
-                "provider": self.name,
-                "base_url": self.base_url,
-                "model": model or self.model,
-                **self.extra,
-            },
+        return self.llm_spec(
+            self.server_argv(binary), self.server_env(), what="Local LLM server", model=model or self.model
         )
 
     def healthy(self) -> bool:
