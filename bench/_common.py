@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import resource
 import shutil
 import socket
@@ -19,7 +20,6 @@ from pathlib import Path
 import psutil
 
 from stigmer.paths import Paths
-from stigmer.services import record as records
 
 MB = 1_000_000  # 10^6 bytes: the unit the download figures are printed in
 
@@ -176,25 +176,11 @@ def start_engine(env: dict[str, str]) -> None:
 
 
 def stop_engine(env: dict[str, str], watch: CpuWatch | None = None) -> None:
-    """`stigmer server stop`, falling back to the product's own code if the CLI fails, so that no engine
-    outlives the benchmark. With `watch`, the engine's CPU time is counted as ours first: it is detached,
-    so it is not in our children's rusage."""
-    paths = Paths(Path(env["STIGMER_HOME"]))
-    if watch is not None:
-        rec = records.read(paths.llm_pid)
-        if rec is not None:
-            watch.add_process(rec.pid)
-    subprocess.run(
-        [*stigmer_exe(), "server", "stop"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        timeout=60,
-    )
-    if paths.llm_pid.exists():  # the CLI failed: stop it with the product's own code
-        from stigmer.llm.provider import stop_managed
-
-        stop_managed(paths)
+    """`stigmer server stop`, falling back to the product's own code if the CLI fails, so that nothing
+    `start_engine` started outlives the benchmark. `stigmer server` now starts the whole server (the
+    engine, Temporal, the API, the agent worker, under a daemon), so this is `stop_server`. With `watch`,
+    their CPU time is counted as ours first: they are detached, so not in our children's rusage."""
+    stop_server(env, watch)
 
 
 # -- downloads: the test file, and curl as the baseline ---------------------------------------------------
@@ -231,3 +217,254 @@ def time_curl(curl: str, url: str, dest: str | Path, size: int | None, *, follow
             raise SystemExit("curl fetched the wrong size")
         out.unlink()
     return elapsed
+
+
+# -- the server: `stigmer server` (daemon, built-in engine, Temporal, API, agent runner) in a temp home -----
+
+SERVER_SERVICES = ("daemon", "llm", "temporal", "server", "agent-runner")  # the pid records it writes
+_SEEN: dict[int, float] = {}  # pid -> create time of every server process server_pids() has seen
+
+
+def interrupt_on_sigterm() -> None:
+    """Turn SIGTERM into KeyboardInterrupt, so that a benchmark killed that way still runs its clean-up
+    (`finally:`) as on Ctrl-C."""
+    import signal
+
+    def handler(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def free_ports(n: int) -> list[int]:
+    """`n` distinct free loopback ports (all bound at once while they are picked, so none repeats)."""
+    socks: list[socket.socket] = []
+    try:
+        while len(socks) < n:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.bind(("127.0.0.1", 0))
+            if int(sock.getsockname()[1]) in (11434, 11435):
+                sock.close()
+                continue
+            socks.append(sock)
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def server_env(tmp: Path, home: Path | None = None, *, ctx: int = 2048) -> dict[str, str]:
+    """`isolated_env` plus every port the server uses on a free loopback port: the engine, the API,
+    Temporal's frontend and its Web UI (on, as by default). `home`: a STIGMER_HOME other than
+    tmp/stigmer-home (a fresh one per cold start); bytecode stays cached in tmp/pycache across homes."""
+    llm, api, temporal, ui = free_ports(4)
+    env = isolated_env(tmp, llm, ctx=ctx)
+    if home is not None:
+        env["STIGMER_HOME"] = str(home)
+    env.update(
+        {
+            "STIGMER_SERVER_PORT": str(api),
+            "STIGMER_TEMPORAL_ADDRESS": f"127.0.0.1:{temporal}",
+            "STIGMER_TEMPORAL_UI_PORT": str(ui),
+        }
+    )
+    return env
+
+
+def server_pids(env: dict[str, str]) -> dict[str, int]:
+    """The live processes of the server in env's STIGMER_HOME, by service, from their pid records."""
+    from stigmer.services.manager import Services
+
+    services = Services(Paths(Path(env["STIGMER_HOME"])))
+    out: dict[str, int] = {}
+    for name in SERVER_SERVICES:
+        rec = services.record(name)
+        if rec is not None:
+            out[name] = rec.pid
+            _SEEN[rec.pid] = rec.create_time
+    return out
+
+
+def start_server(
+    env: dict[str, str], *, timeout: float = 180, meta: dict[str, float] | None = None
+) -> tuple[float, list[tuple[float, str]]]:
+    """`stigmer server` until it returns: (seconds, its stderr lines each with the second it arrived,
+    counted from the spawn). The progress lines ("Starting: Temporal", "Ready: agent runner") make a
+    timeline of the start. Fails with the command's output if it fails. `meta` receives "wall0" (epoch
+    seconds at the spawn, for log timestamps) and "create_time" (the command's own process create time
+    as psutil reports it: compare pid records' create times with this one, not with the clock, as
+    psutil's boot time is rounded to the second)."""
+    import threading
+
+    lines: list[tuple[float, str]] = []
+    wall0 = time.time()
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(
+        [*stigmer_exe(), "server"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    if meta is not None:
+        meta["wall0"] = wall0
+        try:
+            meta["create_time"] = psutil.Process(proc.pid).create_time()
+        except psutil.Error:
+            meta["create_time"] = wall0
+
+    def read_err() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            lines.append((time.perf_counter() - t0, line.rstrip("\n")))
+
+    chunks: list[str] = []
+
+    def read_out() -> None:
+        assert proc.stdout is not None
+        chunks.append(proc.stdout.read())
+
+    readers = [threading.Thread(target=f, daemon=True) for f in (read_err, read_out)]
+    for r in readers:
+        r.start()
+    try:
+        proc.wait(timeout)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    elapsed = time.perf_counter() - t0
+    for r in readers:
+        r.join(5)
+    out = "".join(chunks)
+    if proc.returncode != 0 or "Ready!" not in out:
+        err = "\n".join(text for _, text in lines)
+        raise SystemExit(f"stigmer server failed ({proc.returncode}):\n{out}{err}")
+    return elapsed, lines
+
+
+def stop_server(env: dict[str, str], watch: CpuWatch | None = None) -> float:
+    """`stigmer server stop` (its wall time is returned), then the product's own code for anything the
+    CLI left. With `watch`, the services' CPU time is counted as ours first: they are detached, so they
+    are not in our children's rusage."""
+    pids = server_pids(env)
+    if watch is not None:
+        for pid in pids.values():
+            watch.add_process(pid)
+    t = time.perf_counter()
+    try:
+        subprocess.run(
+            [*stigmer_exe(), "server", "stop"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=120,
+        )
+    except subprocess.TimeoutExpired:
+        pass
+    elapsed = time.perf_counter() - t
+    if server_pids(env):  # the CLI failed: stop them with the product's own code
+        from stigmer.server import control
+
+        control.stop(Paths(Path(env["STIGMER_HOME"])))
+    return elapsed
+
+
+def leftovers(tmp: Path) -> list[psutil.Process]:
+    """Live processes (not zombies) that name `tmp` in their command line or STIGMER_HOME, or that
+    server_pids() saw (same pid and create time: the engine's command line names no path of ours):
+    ours, left running. A benchmark's temp dir is unique, so nothing else matches."""
+    mark = str(tmp)
+    me = os.getpid()
+    found = []
+    for pid, created in _SEEN.items():
+        try:
+            p = psutil.Process(pid)
+            if abs(p.create_time() - created) < 0.05 and p.status() != psutil.STATUS_ZOMBIE:
+                found.append(p)
+        except psutil.Error:
+            pass
+    seen = {p.pid for p in found}
+    for p in psutil.process_iter(["pid", "cmdline", "status"]):
+        if p.pid in (me, *seen) or p.info["status"] == psutil.STATUS_ZOMBIE:
+            continue
+        try:
+            cmd = " ".join(p.info["cmdline"] or [])
+            home = p.environ().get("STIGMER_HOME", "") if mark not in cmd else mark
+        except (psutil.Error, OSError):
+            continue
+        if mark in cmd or home.startswith(mark):
+            found.append(p)
+    return found
+
+
+def reap_leftovers(tmp: Path) -> list[str]:
+    """Terminate (then kill) whatever `leftovers` finds; what was found, for the report (it should be
+    nothing: `stigmer server stop` is meant to leave nothing behind)."""
+    found = leftovers(tmp)
+    names = []
+    for p in found:
+        try:
+            names.append(f"pid {p.pid}: {' '.join(p.cmdline())[:120]}")
+            p.terminate()
+        except psutil.Error:
+            pass
+    _gone, alive = psutil.wait_procs(found, timeout=10)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=5)
+    return names
+
+
+def wait_http_200(url: str, proc: subprocess.Popen[bytes], deadline: float, interval: float = 0.01) -> None:
+    """Poll `url` every `interval` s until it answers 200 (as the product's readiness probes do)."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    while True:
+        conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port or 80, timeout=2)
+        try:
+            conn.request("GET", parts.path or "/")
+            if conn.getresponse().status == 200:
+                return
+        except OSError:
+            pass
+        finally:
+            conn.close()
+        if proc.poll() is not None:
+            raise SystemExit(f"{proc.args!r} exited ({proc.returncode}) before {url} answered")
+        if time.perf_counter() > deadline:
+            raise SystemExit(f"{url} did not answer 200 in time")
+        time.sleep(interval)
+
+
+def median_ms(xs: list[float]) -> float:
+    import statistics
+
+    return statistics.median(xs) * 1000
+
+
+def p90(xs: list[float]) -> float:
+    import statistics
+
+    if len(xs) < 2:
+        return xs[0] if xs else float("nan")
+    return statistics.quantiles(xs, n=10, method="inclusive")[-1]
+
+
+def site_pth_imports() -> list[str]:
+    """Modules that site's .pth files import at every interpreter start (besides `os`): when there are
+    any (this sandbox's certifi hook, say), every Python process here starts slower than a user's."""
+    import site
+
+    found: list[str] = []
+    for folder in site.getsitepackages():
+        for pth in sorted(Path(folder).glob("*.pth")):
+            try:
+                text = pth.read_text(errors="replace")
+            except OSError:
+                continue
+            for line in text.splitlines():
+                if line.startswith("import ") and "__import__('_distutils_hack')" not in line:
+                    found += sorted(set(re.findall(r"\bimport (\w+)", line)) - {"os"}) or [pth.name]
+    return found

@@ -28,9 +28,9 @@ from typing import Any
 
 # bench/_common.py: `python bench/NAME.py` puts bench/ first on sys.path
 from _common import CpuWatch, free_port, isolated_env, machine_line, start_engine, stop_engine
-
 from stigmer.llm.client import ChatClient
-from stigmer.llm.llamacpp.starter import STARTER_MODEL
+
+from stigmer.llm.models.starter import STARTER_MODEL
 
 MESSAGES = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
 TARGET = 0.95

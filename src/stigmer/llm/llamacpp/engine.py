@@ -9,14 +9,14 @@ that are not allowed (``--allow-origin``, repeatable), as Ollama does.
 The process management around it (detaching, pid records, logs, readiness polling, stop) lives
 elsewhere and treats this module as an opaque command line built by :func:`engine_argv`.
 
-Exit codes: 0 stopped by a signal, 1 could not start (port busy, bad model, engine failure),
-2 bad arguments (including a non-loopback host).
+Exit codes: 0 stopped by a signal, 1 could not start (port busy, bad model, not enough memory for the
+context, engine failure: always one line "error: ..." on stderr, never a traceback), 2 bad arguments
+(including a non-loopback host, threads or context out of range).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import errno
 import os
 import secrets
@@ -24,9 +24,9 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import FrameType
+from typing import Any, NoReturn
 
 from stigmer.net.addresses import is_loopback_host
 
@@ -40,9 +40,20 @@ GGUF_MAGIC = b"GGUF"
 # starves everything else on the machine (the agents, Temporal).
 MAX_DEFAULT_THREADS = 8
 
-
+# Bounds of the command line: beyond them llama.cpp fails in ways that say nothing useful (or worse,
+# see memory_problem).
 MAX_THREADS = 1024
 MAX_CTX = 1 << 20
+
+# Contexts up to this size are not checked against free memory: their KV cache is at most a few GB
+# even for 70B models, and reading the GGUF header costs ~40 ms of every start (see memory_problem).
+MEMORY_CHECK_ABOVE = 8192
+MEMORY_SHARE = 0.9
+UBATCH = 512  # llama.cpp's default micro-batch (tokens)
+
+# Web origins allowed besides this machine's when no --allow-origin is given (comma-separated, like
+# OLLAMA_ORIGINS). The product passes llm.origins as flags; this is for running the module by hand.
+ORIGINS_ENV = "STIGMER_LLM_ORIGINS"
 
 
 def engine_argv(
@@ -125,6 +136,51 @@ def check_model_file(path: Path) -> str | None:
     return None
 
 
+def memory_problem(model_path: Path, ctx_size: int) -> str | None:
+    """Why a context of `ctx_size` tokens cannot fit in the memory available now, or None.
+
+    llama.cpp allocates and clears the whole KV cache at start. A context far beyond RAM does not fail
+    cleanly: measured here, --ctx-size 1048576 with the 135M starter model asked for ~24 GB and the
+    kernel's OOM killer ended the process (SIGKILL, no message), which can take other programs with it.
+    The estimate is the one stigmer.hw.fit documents: weights, f16 KV cache (a K and a V vector per
+    layer, KV head and token), 256 MiB fixed, one micro-batch of activations, flash attention's mask.
+    The engine may take MEMORY_SHARE of what is available: near the limit the machine thrashes or the
+    OOM killer picks a victim, and a refused start is the mild outcome. A header we cannot read is left
+    to llama.cpp, which says what is wrong with the file.
+    """
+    if ctx_size <= MEMORY_CHECK_ABOVE:
+        return None
+    import psutil
+
+    from stigmer.llm.gguf import GgufError, read_header
+    from stigmer.units import human_bytes
+
+    try:
+        header = read_header(model_path)
+    except (GgufError, OSError):
+        return None
+    per_token = header.block_count * (header.key_length + header.value_length) * header.head_count_kv * 2
+    per_token += 2 * UBATCH  # the attention mask (f16) of one micro-batch
+    n_ff = header.feed_forward_length or 4 * header.embedding_length
+    fixed = header.tensor_data_size + (256 << 20) + 4 * UBATCH * (3 * n_ff + 4 * header.embedding_length)
+    need = fixed + ctx_size * per_token
+    available = int(psutil.virtual_memory().available)
+    budget = int(available * MEMORY_SHARE)
+    if need <= budget:
+        return None
+    fits = max(0, budget - fixed) // per_token
+    return (
+        f"a context of {ctx_size} tokens needs about {human_bytes(need)} of memory, more than this machine "
+        f"can spare ({human_bytes(available)} available); use a smaller --ctx-size (at most about "
+        f"{fits // 256 * 256} here; the model was trained for "
+        f"{header.context_length or 'an unknown number of'} tokens)"
+    )
+
+
+def origins_from_env(environ: Mapping[str, str]) -> tuple[str, ...]:
+    return tuple(o.strip() for o in environ.get(ORIGINS_ENV, "").split(",") if o.strip())
+
+
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog=f"python -m {MODULE}",
@@ -134,14 +190,17 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--alias", required=True, help="model name announced by the API, e.g. smollm2:135m")
     parser.add_argument("--host", default="127.0.0.1", help="loopback address to bind (default 127.0.0.1)")
     parser.add_argument("--port", required=True, type=int, help="TCP port to bind (0 picks a free one)")
-    parser.add_argument("--ctx-size", type=int, default=None, help="context window in tokens")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for decoding")
+    parser.add_argument("--ctx-size", type=int, default=None, help=f"context window in tokens (1-{MAX_CTX})")
+    parser.add_argument(
+        "--threads", type=int, default=None, help=f"CPU threads for decoding (1-{MAX_THREADS})"
+    )
     parser.add_argument(
         "--allow-origin",
         action="append",
         default=[],
         metavar="ORIGIN",
-        help="a web origin (pattern) allowed to call the API from a browser, besides this machine's",
+        help="a web origin (pattern, * = anything) allowed to call the API from a browser besides this "
+        f"machine's; repeatable; default from {ORIGINS_ENV} (comma-separated)",
     )
     args = parser.parse_args(argv)
     if not is_loopback_host(args.host):
@@ -158,6 +217,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--ctx-size {args.ctx_size} is out of range 1-{MAX_CTX}")
     if not 1 <= args.threads <= MAX_THREADS:
         parser.error(f"--threads {args.threads} is out of range 1-{MAX_THREADS}")
+    args.allow_origin = tuple(args.allow_origin) or origins_from_env(os.environ)
     return args
 
 
@@ -166,7 +226,7 @@ def _say(message: str, *, err: bool = False) -> None:
     print(message, file=sys.stderr if err else sys.stdout, flush=True)
 
 
-def _stop_now(signum: int, _frame: FrameType | None) -> None:
+def _stop_now(signum: int) -> None:
     """Leave at once. sys.exit here would run interpreter shutdown and Server's destructor, which
     waits for llama.cpp's threads: measured to hang while a streamed request is in flight. _exit
     skips all that, and the engine holds nothing that needs flushing (the model is only read)."""
@@ -174,12 +234,13 @@ def _stop_now(signum: int, _frame: FrameType | None) -> None:
     os._exit(0)
 
 
-def _listen(host: str, port: int) -> socket.socket | None:
-    """The public socket, bound before the model loads: a busy port fails in milliseconds, and nothing
-    can take the port while the model loads (clients connecting meanwhile wait in the backlog)."""
+def listen(host: str, port: int) -> socket.socket | None:
+    """The public socket (None when the port is taken), bound before the model loads: a busy port
+    fails in milliseconds, and nothing can take the port while the model loads."""
     family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     if os.name != "nt":
+        # As servers do: a port left in TIME_WAIT by a stopped engine can be bound again at once.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host.strip("[]"), port))
@@ -193,62 +254,35 @@ def _listen(host: str, port: int) -> socket.socket | None:
     return sock
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parse_args(argv)
-
-    # Until the model is loaded, the main thread sits inside the Server constructor holding the GIL,
-    # so a Python handler could not run: let SIGTERM/SIGINT kill the process outright instead.
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-    model_path: Path = args.model.expanduser().resolve()
-    problem = check_model_file(model_path)
-    if problem:
-        _say(f"error: {problem}", err=True)
-        return 1
-    public = _listen(args.host, args.port)
-    if public is None:
-        _say(f"error: port {args.port} is already in use", err=True)
-        return 1
-
+def start_internal(*, model_path: Path, alias: str, ctx_size: int, threads: int, key: str) -> tuple[Any, str]:
+    """llama.cpp's server on a free internal loopback port that only `key` opens (/health aside):
+    (the xllamacpp.Server, which must stay referenced, and its base URL). Returns once the model is
+    loaded; raises whatever xllamacpp raises when it cannot load."""
     import xllamacpp  # heavy native module; only the engine process needs it
 
-    key = secrets.token_urlsafe(32)  # for the internal server: known to this process only
     params = xllamacpp.CommonParams()
     params.model.path = str(model_path)
-    params.model_alias = {args.alias}  # a set: names in /v1/models and every response's "model"
+    params.model_alias = {alias}  # a set: names in /v1/models and every response's "model"
     params.hostnames = ["127.0.0.1"]
-    params.port = 0  # llama.cpp picks a free internal port; the guard forwards to it
-    params.api_keys = [key]
-    params.n_ctx = args.ctx_size
-    params.cpuparams.n_threads = args.threads
-    params.cpuparams_batch.n_threads = args.threads  # prompt processing; else llama.cpp picks
+    params.port = 0  # llama.cpp picks a free port; read back from listening_address
+    params.api_keys = [key]  # a list of str; every endpoint but /health (and /models' preflight) needs one
+    params.n_ctx = ctx_size
+    params.cpuparams.n_threads = threads
+    params.cpuparams_batch.n_threads = threads  # prompt processing; else llama.cpp picks
     params.ui = False  # no bundled web UI: the product talks to the API only
     params.cors_origins = ""  # CORS is the guard's: llama.cpp's default is "*" with credentials
-
-    _say(
-        f"engine starting: model {model_path} as {args.alias}, {args.host}:{args.port}, "
-        f"ctx {args.ctx_size}, threads {args.threads}, xllamacpp {xllamacpp.__version__}"
-    )
-    started = time.monotonic()
-    try:
-        engine = xllamacpp.Server(params)  # returns once the model is loaded
-    except (RuntimeError, ValueError, MemoryError, OverflowError) as e:
-        # xllamacpp says only "Failed to init server"; llama.cpp's own log above has the detail.
-        _say(f"error: the engine failed to start ({e}); see the llama.cpp log above", err=True)
-        return 1
-    backend = str(engine.listening_address)
-    if not backend.startswith("http"):
-        backend = "http://" + backend
-    _say(
-        f"engine ready on http://{args.host}:{args.port} (model {args.alias}) "
-        f"in {time.monotonic() - started:.2f} s, pid {os.getpid()}"
-    )
-    _serve(public, backend, key, args.allow_origin)
-    return 0
+    params.endpoint_metrics = True  # /metrics: requests that reached inference can be counted
+    server = xllamacpp.Server(params)
+    address = str(server.listening_address)
+    return server, address if address.startswith("http") else "http://" + address
 
 
-def _serve(public: socket.socket, backend: str, key: str, origins: Sequence[str]) -> None:
+def serve(public: socket.socket, backend: str, key: str, origins: Sequence[str]) -> NoReturn:
+    """Serve the guard on `public` in this (main) thread until SIGTERM/SIGINT, which end the process."""
+    import asyncio
+    import contextlib
+    from collections.abc import Iterator
+
     import uvicorn
 
     from stigmer.llm.llamacpp.proxy import guarded
@@ -256,20 +290,80 @@ def _serve(public: socket.socket, backend: str, key: str, origins: Sequence[str]
     class Server(uvicorn.Server):
         @contextlib.contextmanager
         def capture_signals(self) -> Iterator[None]:
-            yield  # ours below: leave at once, never wait for a generation to finish
+            # Not uvicorn's graceful shutdown, which waits for in-flight generations: leave at once.
+            # Through the loop, so that a signal delivered to one of llama.cpp's threads still wakes it.
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                try:
+                    loop.add_signal_handler(sig, _stop_now, sig)
+                except NotImplementedError:  # Windows' event loops
+                    signal.signal(sig, lambda signum, _frame: _stop_now(signum))
+            yield
 
-    signal.signal(signal.SIGTERM, _stop_now)
-    signal.signal(signal.SIGINT, _stop_now)
     config = uvicorn.Config(
         guarded(backend, key, origins),
+        lifespan="off",
         log_level="warning",
         access_log=False,
-        lifespan="off",
-        server_header=False,
+        server_header=False,  # llama.cpp's own Server header is passed through
         date_header=False,
+        proxy_headers=False,  # X-Forwarded-* from a local client must not change who it seems to be
     )
     Server(config).run(sockets=[public])
     os._exit(0)  # llama.cpp's threads must not run interpreter shutdown (see _stop_now)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+
+    # Until the guard serves, the main thread is busy (the Server constructor holds the GIL for the
+    # whole load), so a Python handler could not run: let SIGTERM/SIGINT end the process outright.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+    model_path: Path = args.model.expanduser().resolve()
+    problem = check_model_file(model_path) or memory_problem(model_path, args.ctx_size)
+    if problem:
+        _say(f"error: {problem}", err=True)
+        return 1
+    public = listen(args.host, args.port)
+    if public is None:
+        _say(f"error: port {args.port} is already in use", err=True)
+        return 1
+
+    # The serving side is imported before the model loads: an import problem fails fast, and the
+    # forked loading responder shares the modules instead of importing its own.
+    from stigmer.llm.llamacpp.proxy import LoadingResponder
+
+    loading = LoadingResponder.start(public, args.allow_origin)  # before any thread exists
+    key = secrets.token_urlsafe(32)  # for the internal server: known to this process only
+    try:
+        import xllamacpp  # heavy native module; only the engine process needs it
+
+        _say(
+            f"engine starting: model {model_path} as {args.alias}, {args.host}:{args.port}, "
+            f"ctx {args.ctx_size}, threads {args.threads}, xllamacpp {xllamacpp.__version__}"
+        )
+        started = time.monotonic()
+        server, backend = start_internal(  # `server` must stay referenced while we serve
+            model_path=model_path, alias=args.alias, ctx_size=args.ctx_size, threads=args.threads, key=key
+        )
+    except Exception as e:
+        # Whatever it is, one line for the log rather than a traceback: xllamacpp says only "Failed to
+        # init server", llama.cpp's own log above has the detail.
+        _say(
+            f"error: the engine failed to start ({type(e).__name__}: {e}); see the llama.cpp log above",
+            err=True,
+        )
+        return 1
+    finally:
+        if loading is not None:
+            loading.stop()
+    _say(
+        f"engine ready on http://{args.host}:{args.port} (model {args.alias}) "
+        f"in {time.monotonic() - started:.2f} s, pid {os.getpid()}"
+    )
+    serve(public, backend, key, args.allow_origin)
 
 
 if __name__ == "__main__":
