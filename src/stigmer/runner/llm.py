@@ -53,26 +53,39 @@ def api_key(target: LlmTarget) -> str:
     return os.environ.get(env, "") if env else ""
 
 
-def build(target: LlmTarget, *, key: str | None = None) -> Any:
-    """A pydantic-ai model for the target. Retries are Temporal's (the client makes none of its own)."""
-    from pydantic_ai.settings import ModelSettings
+_clients: dict[tuple[str, str, str], Any] = {}
 
+
+def _client(kind: str, base_url: str, key: str) -> Any:
+    """One SDK client per endpoint and key for the worker's life: building one costs an SSL context and
+    a connection pool (~30 ms each here), and an activity per model request would build one each time.
+    Retries are Temporal's: the clients make none of their own."""
+    cached = _clients.get((kind, base_url, key))
+    if cached is not None:
+        return cached
+    if kind == "anthropic":
+        from anthropic import AsyncAnthropic
+
+        client: Any = AsyncAnthropic(base_url=base_url, api_key=key or "none", max_retries=0)
+    else:
+        from openai import AsyncOpenAI
+
+        # a local engine needs no key, but the OpenAI client insists on one
+        client = AsyncOpenAI(base_url=base_url, api_key=key or "local", max_retries=0)
+    _clients[(kind, base_url, key)] = client
+    return client
+
+
+def build(target: LlmTarget, *, key: str | None = None) -> Any:
+    """A pydantic-ai model for the target, on the worker's shared client for that endpoint."""
     key = api_key(target) if key is None else key
+    client = _client(target.kind, target.base_url, key)
     if target.kind == "anthropic":
         from pydantic_ai.models.anthropic import AnthropicModel
         from pydantic_ai.providers.anthropic import AnthropicProvider
 
-        return AnthropicModel(
-            target.model,
-            provider=AnthropicProvider(base_url=target.base_url, api_key=key or "none"),
-            settings=ModelSettings(max_retries=0),
-        )
+        return AnthropicModel(target.model, provider=AnthropicProvider(anthropic_client=client))
     from pydantic_ai.models.openai import OpenAIChatModel
     from pydantic_ai.providers.openai import OpenAIProvider
 
-    return OpenAIChatModel(
-        target.model,
-        # a local engine needs no key, but the OpenAI client insists on one
-        provider=OpenAIProvider(base_url=target.base_url, api_key=key or "local"),
-        settings=ModelSettings(max_retries=0),
-    )
+    return OpenAIChatModel(target.model, provider=OpenAIProvider(openai_client=client))

@@ -102,6 +102,8 @@ def main(*, stamp: bool = True) -> int:
     """Run the worker until SIGTERM. `stamp`: write the health stamp the daemon's supervisor reads (a
     `stigmer worker` on its own has no supervisor)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for chatty in ("httpx", "httpcore", "httpx2", "openai", "anthropic"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)  # a line per event batch otherwise
     paths = Paths.from_env()
     settings = store.load(paths)
     stamp_file = health_file(paths, RUNNER) if stamp else None

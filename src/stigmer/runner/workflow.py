@@ -21,7 +21,7 @@ from temporalio.exceptions import ActivityError, ApplicationError
 with workflow.unsafe.imports_passed_through():
     from stigmer.agents.spec import AgentSpec
     from stigmer.agents.tools import tool_configs
-    from stigmer.runner.agent import MODEL_PREFIX, RunDeps, agent
+    from stigmer.runner.agent import MODEL_PREFIX, RunDeps, agent, tool_agent
     from stigmer.runner.approvals import Approvals, Decision
     from stigmer.runner.llm import LlmTarget
 
@@ -89,7 +89,7 @@ def _root(e: BaseException) -> str:
 
 @workflow.defn(name=WORKFLOW)
 class AgentExecution(PydanticAIWorkflow, Approvals):
-    __pydantic_ai_agents__ = [agent]
+    __pydantic_ai_agents__ = [agent, tool_agent]
 
     def __init__(self) -> None:
         Approvals.__init__(self)
@@ -112,15 +112,17 @@ class AgentExecution(PydanticAIWorkflow, Approvals):
             settings["temperature"] = inp.temperature
         if inp.max_tokens is not None:
             settings["max_tokens"] = inp.max_tokens
+        tools = _tools(inp)
+        runner = tool_agent if tools else agent
         try:
-            result = await agent.run(
+            result = await runner.run(
                 inp.message,
                 model=MODEL_PREFIX + target.model,
                 deps=RunDeps(
                     execution_id=inp.execution_id,
                     target=target,
                     agent=inp.agent,
-                    tools=_tools(inp),
+                    tools=tools,
                     workspace=inp.workspace,
                 ),
                 instructions=inp.instructions or None,

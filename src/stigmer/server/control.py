@@ -52,7 +52,7 @@ def daemon_argv(python: str = sys.executable) -> list[str]:
 
 
 def is_running(paths: Paths) -> bool:
-    from stigmer.server.daemon import daemon_record
+    from stigmer.server.state import daemon_record
 
     state = st.read(paths)
     rec = daemon_record(paths)
@@ -61,7 +61,7 @@ def is_running(paths: Paths) -> bool:
 
 def start(settings: Settings, paths: Paths, report: Reporter) -> bool:
     """Make the daemon run with every service healthy. True when it was started now."""
-    from stigmer.server.daemon import daemon_record
+    from stigmer.server.state import daemon_record
 
     rec = daemon_record(paths)
     if rec is not None:
@@ -150,7 +150,7 @@ def _daemon_died(paths: Paths, code: int | None, log_path: Any) -> StigmerError:
 
 def stop(paths: Paths) -> list[tuple[str, int]]:
     """Stop the daemon and everything it runs (also what a dead daemon left behind); what was stopped."""
-    from stigmer.server.daemon import DAEMON, daemon_record
+    from stigmer.server.state import DAEMON, daemon_record
     from stigmer.services import spawn
     from stigmer.services.manager import Services
 
@@ -187,7 +187,7 @@ def fetch_status(paths: Paths, *, timeout: float = 5.0) -> dict[str, Any] | None
     except StigmerError as e:
         if e.code is not ErrorCode.NOT_RUNNING:
             raise
-        from stigmer.server.daemon import daemon_record
+        from stigmer.server.state import daemon_record
 
         if daemon_record(paths) is None:
             return None

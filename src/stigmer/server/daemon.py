@@ -28,18 +28,14 @@ from stigmer.llm.provider import LocalRuntime, Provider
 from stigmer.paths import Paths
 from stigmer.server import specs
 from stigmer.server import state as st
+from stigmer.server.state import DAEMON, daemon_record
 from stigmer.server.supervisor import Managed, StartFailed, Supervisor, open_lock
 from stigmer.services import record as records
 from stigmer.services.spec import ServiceSpec
 
 log = logging.getLogger("stigmer.daemon")
 
-DAEMON = "daemon"
 CHECK_INTERVAL_ENV = "STIGMER_DAEMON_CHECK_INTERVAL"  # seconds between health checks (tests lower it)
-
-
-def daemon_record(paths: Paths) -> records.ProcessRecord | None:
-    return records.live_record(paths.pid_file(DAEMON))
 
 
 @contextmanager
@@ -169,8 +165,7 @@ def plan(
             specs.RUNNER,
             build=lambda: specs.runner_spec(settings, paths),
             probe=lambda: specs.fresh(stamp),
-            needs=(specs.TEMPORAL,) if settings.temporal.managed else (),
-            stop_timeout=15,
+            stop_timeout=15,  # started with Temporal, not after it: it retries its connection meanwhile
         )
     )
     return members, external

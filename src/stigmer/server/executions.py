@@ -292,7 +292,11 @@ class Executions:
                 except Exception as e:  # noqa: BLE001 - Temporal unreachable for a moment: keep watching
                     log.warning("waiting for %s: %s", exec_id, e)
                     await asyncio.sleep(1)
-            self._complete(exec_id, out if isinstance(out, dict) else {}, await _attempts(handle))
+            # The attempts are known from the streamed events; only an answer that streamed nothing needs
+            # Temporal's history for them (it costs a round trip before the outcome is published).
+            known = (self.db.get_execution(exec_id) or {}).get("attempts") or 0
+            attempts = {} if known else await _attempts(handle)
+            self._complete(exec_id, out if isinstance(out, dict) else {}, attempts)
         finally:
             self._watchers.pop(exec_id, None)
 

@@ -62,6 +62,16 @@ class DaemonState:
         return cls(**{**raw, "services": services})
 
 
+DAEMON = "daemon"  # its pid record is run/daemon.pid
+
+
+def daemon_record(paths: Paths) -> Any:
+    """The daemon's record when it names our live daemon process, else None."""
+    from stigmer.services import record as records
+
+    return records.live_record(paths.pid_file(DAEMON))
+
+
 def state_path(paths: Paths) -> Path:
     return paths.run_dir / "state.json"
 

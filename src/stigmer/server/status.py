@@ -16,7 +16,7 @@ _ORDER = {"llm": 0, "temporal": 1, "agent-runner": 2, "server": 3}
 
 def server_status(settings: Settings, paths: Paths) -> dict[str, Any]:
     from stigmer.llm import active
-    from stigmer.server.daemon import daemon_record
+    from stigmer.server.state import daemon_record
 
     daemon = daemon_record(paths)
     state = st.read(paths)

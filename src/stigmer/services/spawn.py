@@ -134,15 +134,39 @@ def stop(rec: ProcessRecord, *, timeout: float = 10.0) -> bool:
     except psutil.NoSuchProcess:
         return True
     _signal(rec.pid, signal.SIGTERM)
-    _gone, alive = psutil.wait_procs([proc, *children], timeout=timeout)
+    alive = wait_gone([proc, *children], timeout=timeout)
     for p in alive:
         log.warning("pid %s did not stop in %.0fs; killing it", p.pid, timeout)
         try:
             p.kill()
         except psutil.NoSuchProcess:
             pass
-    psutil.wait_procs(alive, timeout=5)
+    wait_gone(alive, timeout=5)
     return True
+
+
+def wait_gone(procs: list[Any], *, timeout: float) -> list[Any]:
+    """Wait until the processes have exited; the ones still running at the deadline.
+
+    A process that exited but is not reaped yet (a zombie) counts as gone: detached services are
+    children of PID 1, which may reap them late (~2 s measured here) or, in some containers, never.
+    """
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    delay = 0.01
+    while True:
+        alive = []
+        for p in procs:
+            try:
+                if p.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(p)
+            except psutil.NoSuchProcess:
+                pass
+        if not alive or time.monotonic() >= deadline:
+            return alive
+        time.sleep(delay)
+        delay = min(delay * 2, 0.1)
 
 
 def _signal(pid: int, sig: signal.Signals) -> None:
