@@ -736,7 +736,12 @@ def test_only_paths_reach_the_internal_server(engine: Engine) -> None:
         answer = b""
         while chunk := s.recv(4096):
             answer += chunk
-    assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]
+    # Refused (h11) or reduced to its path (httptools): either way it is this engine that answers.
+    assert answer.startswith(b"HTTP/1.1 400 ") or (
+        answer.startswith(b"HTTP/1.1 200 ")
+        and b"server: llama.cpp" in answer.lower()
+        and b"smollm2" in answer
+    ), answer[:200]
     status, _h, _b = _request(engine.port, "GET", "//evil.example/v1/models")  # only a path, llama.cpp's 404
     assert status == 404
 
