@@ -86,7 +86,13 @@ def test_run_streams_an_answer_and_records_it(isolated_home: Paths, engine: dict
     out = r.stdout
     assert out.index("⏳ Execution pending...") < out.index("▶️ Execution started") < out.index("🤖 Agent: ")
     assert "✅ Execution completed" in out
-    for line in ("Duration: ", "Model: smollm2:135m (llamacpp)", "Tokens: ", "Attempts: 1", "Total messages: "):
+    for line in (
+        "Duration: ",
+        "Model: smollm2:135m (llamacpp)",
+        "Tokens: ",
+        "Attempts: 1",
+        "Total messages: ",
+    ):
         assert line in out, line
     streamed = _streamed(out)
     assert streamed.strip()
@@ -96,7 +102,9 @@ def test_run_streams_an_answer_and_records_it(isolated_home: Paths, engine: dict
     assert rec["state"] == "COMPLETED" and rec["agent"] == "default" and rec["model"] == "smollm2:135m"
     assistant = [m["content"] for m in rec["messages"] if m["role"] == "assistant"]
     assert assistant == [streamed]  # what was stored is exactly what was streamed
-    assert [m["role"] for m in rec["messages"]][:2] == ["system", "user"] and rec["messages"][1]["content"] == "Say hello"
+    assert [m["role"] for m in rec["messages"]][:2] == ["system", "user"] and rec["messages"][1][
+        "content"
+    ] == "Say hello"
     assert rec["usage"]["output_tokens"] > 0 and rec["duration"] > 0
     # the execution shows in Temporal as a workflow with its model call as an activity
     from stigmer.server.specs import temporal_binary
@@ -121,14 +129,23 @@ def test_agents_from_files(isolated_home: Paths, engine: dict[str, str], tmp_pat
     listing = run_cli("agent", "list").stdout
     assert "poet" in listing and "default" in listing
     got = json.loads(run_cli("agent", "get", "poet", "--json").stdout)
-    assert got == {"name": "poet", "instructions": "You write short poems.", "temperature": 0.7, "max_tokens": 40}
+    assert got == {
+        "name": "poet",
+        "instructions": "You write short poems.",
+        "temperature": 0.7,
+        "max_tokens": 40,
+    }
     r = run_cli("run", "poet", "-m", "The sea", timeout=180)
     assert r.returncode == 0, r.stderr
     rec = json.loads(run_cli("execution", "list", "--json", "--agent", "poet").stdout)[0]
     full = _record(rec["id"])
     assert full["messages"][0] == {"role": "system", "content": "You write short poems."}
     unknown = run_cli("run", "nobody", "-m", "hi")
-    assert unknown.returncode == 6 and "No agent named 'nobody'" in unknown.stderr and "stigmer agent list" in unknown.stderr
+    assert (
+        unknown.returncode == 6
+        and "No agent named 'nobody'" in unknown.stderr
+        and "stigmer agent list" in unknown.stderr
+    )
     assert run_cli("agent", "rm", "poet").returncode == 0
     assert "poet" not in run_cli("agent", "list").stdout
     assert run_cli("agent", "rm", "default").returncode == 10  # built in
@@ -141,7 +158,11 @@ def test_json_detach_and_stdin(isolated_home: Paths, engine: dict[str, str], tmp
     exec_id = r.stdout.strip()
     assert _wait(lambda: _finished(exec_id), 120)["state"] == "COMPLETED"
     proc = subprocess.run(
-        [*stigmer_exe(), "run", "short", "--json"], input="from stdin", capture_output=True, text=True, timeout=180
+        [*stigmer_exe(), "run", "short", "--json"],
+        input="from stdin",
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     assert proc.returncode == 0, proc.stderr
     rec = json.loads(proc.stdout)  # nothing but the record on stdout
@@ -203,7 +224,9 @@ def test_killed_worker_mid_answer_completes_without_duplicated_text(
     assert final == [_streamed(out)]  # the retried answer, once: the partial first attempt is not in it
 
 
-def test_unreachable_llm_fails_naming_the_endpoint(isolated_home: Paths, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unreachable_llm_fails_naming_the_endpoint(
+    isolated_home: Paths, monkeypatch: pytest.MonkeyPatch
+) -> None:
     dead = free_port()
     for k, v in {
         "STIGMER_LLM_PROVIDER": "openai-compatible",
@@ -213,7 +236,9 @@ def test_unreachable_llm_fails_naming_the_endpoint(isolated_home: Paths, monkeyp
         monkeypatch.setenv(k, v)
     r = run_cli("run", "-m", "hello", timeout=240)
     assert r.returncode == 12, r.stdout + r.stderr
-    assert "❌ Execution failed" in r.stdout and f"127.0.0.1:{dead}" in r.stdout and "after retries" in r.stdout
+    assert (
+        "❌ Execution failed" in r.stdout and f"127.0.0.1:{dead}" in r.stdout and "after retries" in r.stdout
+    )
     rec = json.loads(run_cli("execution", "list", "--json").stdout)[0]
     assert rec["state"] == "FAILED" and rec["attempts"] >= 2
 
@@ -239,7 +264,9 @@ def test_remote_providers_run_agents(isolated_home: Paths, monkeypatch: pytest.M
         assert "🤖 Agent: echo: hi there" in r.stdout
 
 
-def test_twenty_at_once_and_a_restart_mid_way(isolated_home: Paths, engine: dict[str, str], tmp_path: Path) -> None:
+def test_twenty_at_once_and_a_restart_mid_way(
+    isolated_home: Paths, engine: dict[str, str], tmp_path: Path
+) -> None:
     _apply(tmp_path, SHORT)
     ids = [run_cli("run", "short", "--detach", "-m", f"number {i}").stdout.strip() for i in range(20)]
     assert all(i.startswith("ex-") for i in ids)
@@ -261,7 +288,9 @@ def test_two_workers_share_the_queue(isolated_home: Paths, engine: dict[str, str
         "STIGMER_API_URL": f"http://127.0.0.1:{os.environ['STIGMER_SERVER_PORT']}",
         "STIGMER_API_TOKEN": token,
     }
-    second = subprocess.Popen([*stigmer_exe(), "worker"], env=other, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    second = subprocess.Popen(
+        [*stigmer_exe(), "worker"], env=other, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     try:
         time.sleep(3)
         ids = [run_cli("run", "short", "--detach", "-m", f"task {i}").stdout.strip() for i in range(12)]

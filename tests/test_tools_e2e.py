@@ -79,7 +79,9 @@ def _apply(tmp_path: Path, text: str) -> None:
     assert r.returncode == 0, r.stderr
 
 
-def test_workspace_tools_are_called_shown_and_confined(isolated_home: Paths, api: FakeOpenAI, tmp_path: Path) -> None:
+def test_workspace_tools_are_called_shown_and_confined(
+    isolated_home: Paths, api: FakeOpenAI, tmp_path: Path
+) -> None:
     _apply(tmp_path, "name: scribe\ninstructions: You keep notes.\ntools:\n  - workspace\n")
     api.script += [
         _call("write_file", path="notes/today.txt", content="buy milk"),
@@ -128,7 +130,9 @@ def test_shell_needs_approval_and_keeps_secrets(
         assert secret not in env_output, secret
 
 
-def test_deny_is_told_to_the_agent_and_always_sticks(isolated_home: Paths, api: FakeOpenAI, tmp_path: Path) -> None:
+def test_deny_is_told_to_the_agent_and_always_sticks(
+    isolated_home: Paths, api: FakeOpenAI, tmp_path: Path
+) -> None:
     _apply(tmp_path, "name: ops\ninstructions: You run commands.\ntools:\n  - shell: {approval: required}\n")
     api.script += [_call("run_command", argv=["rm", "-rf", "x"]), {"content": "Fine, I did not."}]
     exec_id = run_cli("run", "ops", "--detach", "-m", "Delete x").stdout.strip()
@@ -167,7 +171,9 @@ def test_mcp_server_tools(isolated_home: Paths, api: FakeOpenAI, tmp_path: Path)
     assert "1 notes" in _tool_messages(api)[0]  # the server's answer reached the model
     tools_offered = {t["function"]["name"] for t in api.requests[0].get("tools") or []}
     assert {"notes_add_note", "notes_count_notes"} <= tools_offered
-    servers = [p for p in psutil.process_iter(["cmdline"]) if str(MCP_SERVER) in " ".join(p.info["cmdline"] or [])]
+    servers = [
+        p for p in psutil.process_iter(["cmdline"]) if str(MCP_SERVER) in " ".join(p.info["cmdline"] or [])
+    ]
     assert servers, "the MCP server runs while the worker does"
     run_cli("server", "stop")
     for p in servers:
@@ -186,7 +192,10 @@ def test_killed_worker_never_repeats_a_finished_tool_call(
     exec_id = run_cli("run", "worker", "--detach", "-m", "go").stdout.strip()
     workspace = isolated_home.data_dir / "workspace" / "worker"
     _wait(lambda: (workspace / "count.txt").exists())
-    _wait(lambda: any("sleep" in " ".join(p.info["cmdline"] or []) for p in psutil.process_iter(["cmdline"])), 30)
+    _wait(
+        lambda: any("sleep" in " ".join(p.info["cmdline"] or []) for p in psutil.process_iter(["cmdline"])),
+        30,
+    )
     status = json.loads(run_cli("server", "status", "--json").stdout)
     os.kill(status["services"]["agent-runner"]["pid"], signal.SIGKILL)
     rec = _wait(lambda: _state(exec_id, "COMPLETED", "FAILED"), 180)

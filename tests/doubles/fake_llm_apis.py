@@ -269,7 +269,9 @@ class FakeAnthropic(_Base):
         class AnthropicHandler(H):
             def _authorized(self) -> bool:
                 # The official SDK (2.x) sends the key as a bearer token; the documented header is x-api-key.
-                given = self.headers.get("x-api-key") or self.headers.get("Authorization", "").removeprefix("Bearer ")
+                given = self.headers.get("x-api-key") or self.headers.get("Authorization", "").removeprefix(
+                    "Bearer "
+                )
                 if given == fake.key and self.headers.get("anthropic-version"):
                     return True
                 self.send_json(
