@@ -2,9 +2,9 @@
 module started directly, in the same run.
 
 product:  `stigmer server` (provider llamacpp, starter model smollm2:135m, ctx 1024, free loopback port)
-          until it returns, then ChatClient.stream(...) until the first token; `stigmer server stop`.
+          until it returns, then OpenAICompatible.stream(...) until the first token; `stigmer server stop`.
 baseline: `python -m stigmer.llm.llamacpp.engine --model <starter gguf> ... --threads 2`, /health polled
-          every 10 ms until 200, then the same ChatClient.stream(...) until the first token; terminate.
+          every 10 ms until 200, then the same OpenAICompatible.stream(...) until the first token; terminate.
 Runs alternate, 3 each; medians are compared. STIGMER_HOME is a temp dir, prepared once beforehand
 (config written, starter model registered) so every product run is a start on a set-up machine.
 
@@ -34,8 +34,8 @@ from _common import (
     stop_engine,
     stop_process,
 )
-from stigmer.llm.client import ChatClient
 
+from stigmer.llm.endpoint import OpenAICompatible
 from stigmer.llm.models.starter import STARTER_MODEL, starter_model_path
 from stigmer.paths import Paths
 from stigmer.services import record as records
@@ -48,7 +48,9 @@ THREADS = 2
 def first_token(base_url: str) -> float:
     """perf_counter() when the first streamed token arrives; the rest of the answer is read too."""
     got: float | None = None
-    for _text in ChatClient(base_url, STARTER_MODEL).stream(MESSAGES, max_tokens=16, temperature=0):
+    for _text in OpenAICompatible(base_url + "/v1", STARTER_MODEL).stream(
+        MESSAGES, max_tokens=16, temperature=0
+    ):
         if got is None:
             got = time.perf_counter()
     if got is None:
@@ -77,7 +79,7 @@ def run_product(env: dict[str, str], watch: CpuWatch) -> tuple[float, float, flo
         start_engine(env)
         ready = time.perf_counter()
         token = first_token(base)
-        rec = records.read(Paths(Path(env["STIGMER_HOME"])).llm_pid)
+        rec = records.read(Paths(Path(env["STIGMER_HOME"])).pid_file("llm"))
         spawned = rec.create_time - wall0 if rec is not None else float("nan")
         if rec is not None:
             watch.add_process(rec.pid)  # detached, so not in our children's rusage

@@ -4,7 +4,7 @@ The built-in engine is started once through the product (`stigmer server`, provi
 model smollm2:135m, ctx 1024, threads 2, free loopback port). Both sides stream the same 128-token chat
 completion (max_tokens 128, ignore_eos, temperature 0) from its /v1/chat/completions and count content
 chunks (one per token):
-  product:  stigmer.llm.client.ChatClient(base_url, "smollm2:135m").stream(...)
+  product:  stigmer.llm.endpoint.OpenAICompatible(base_url + "/v1", "smollm2:135m").stream(...)
   baseline: a minimal http.client POST on a fresh connection, SSE lines parsed by hand.
 tok/s = tokens / (request sent -> last token). One warm-up each, then 5 runs each, alternating; medians
 and the ratio (target >= 0.95). The engine's own figure (timings.predicted_per_second, read by the raw
@@ -28,8 +28,8 @@ from typing import Any
 
 # bench/_common.py: `python bench/NAME.py` puts bench/ first on sys.path
 from _common import CpuWatch, free_port, isolated_env, machine_line, start_engine, stop_engine
-from stigmer.llm.client import ChatClient
 
+from stigmer.llm.endpoint import OpenAICompatible
 from stigmer.llm.models.starter import STARTER_MODEL
 
 MESSAGES = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
@@ -41,11 +41,11 @@ def options(tokens: int) -> dict[str, Any]:
 
 
 def via_product(base_url: str, tokens: int) -> tuple[int, float]:
-    """(tokens, seconds from the request to the last token) through ChatClient.stream."""
+    """(tokens, seconds from the request to the last token) through OpenAICompatible.stream."""
     n = 0
     t0 = time.perf_counter()
     last = t0
-    for _text in ChatClient(base_url, STARTER_MODEL).stream(MESSAGES, **options(tokens)):
+    for _text in OpenAICompatible(base_url + "/v1", STARTER_MODEL).stream(MESSAGES, **options(tokens)):
         n += 1
         last = time.perf_counter()
     return n, last - t0
@@ -123,7 +123,7 @@ def main() -> None:
         ratio = p / b
         print(
             f"\nmedian of {args.repeat} ({args.tokens}-token completions): "
-            f"ChatClient.stream {p:.1f} tok/s, raw http.client {b:.1f} tok/s, ratio {ratio:.3f} "
+            f"OpenAICompatible.stream {p:.1f} tok/s, raw http.client {b:.1f} tok/s, ratio {ratio:.3f} "
             f"(target >= {TARGET}) {'OK' if ratio >= TARGET else 'BELOW TARGET'}"
         )
         if engine:
