@@ -38,6 +38,12 @@ def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Paths:
     monkeypatch.setenv("STIGMER_TEMPORAL_ADDRESS", f"127.0.0.1:{free_port()}")
     monkeypatch.setenv("STIGMER_TEMPORAL_UI_PORT", str(free_port()))
     monkeypatch.setenv("STIGMER_DAEMON_CHECK_INTERVAL", "0.25")
+    # Nothing reaches the internet from a test: the real registry, release server and Hugging Face are
+    # replaced by dead local addresses unless a test points them at its stand-in.
+    monkeypatch.setenv("STIGMER_LLM_REGISTRY_URL", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("STIGMER_LLM_DOWNLOAD_URL", f"http://127.0.0.1:{free_port()}/releases")
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("STIGMER_LLM_UPDATE_CHECK", "false")  # tests of the check turn it on
     return Paths(home)
 
 

@@ -22,6 +22,8 @@ def offline_env(**extra: str) -> dict[str, str]:
         "STIGMER_LLM_DOWNLOAD_URL": f"http://127.0.0.1:{free_port()}/ollama/releases",  # nothing listens
         "STIGMER_LLM_BASE_URL": f"http://127.0.0.1:{free_port()}",
         "STIGMER_LLM_CONTEXT_SIZE": "1024",
+        # the fit check before a pull reads the model's header from the registry: none here (skipped)
+        "STIGMER_LLM_REGISTRY_URL": f"http://127.0.0.1:{free_port()}",
         **extra,
     }
 

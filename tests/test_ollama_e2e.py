@@ -40,6 +40,10 @@ def env_for(srv: ReleaseServer | None, **extra: str) -> dict[str, str]:
         "STIGMER_LLM_DOWNLOAD_URL": srv.url if srv else f"http://127.0.0.1:{free_port()}",
         "STIGMER_LLM_BASE_URL": f"http://127.0.0.1:{free_port()}",
         "OLLAMA_FAKE_PULL_DELAY": "0.001",
+        # The default model depends on this machine's RAM (tests/test_fit_check.py covers that); and the
+        # fit check before a pull reads the model's header from the registry: none here, so it is skipped.
+        "STIGMER_LLM_MODEL": "qwen2.5-coder:7b",
+        "STIGMER_LLM_REGISTRY_URL": f"http://127.0.0.1:{free_port()}",
     }
     env.update(extra)
     return env

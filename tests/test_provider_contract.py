@@ -98,3 +98,14 @@ def test_contract_with_nothing_there(isolated_home: Paths, name: str) -> None:
     if isinstance(p, LocalRuntime):
         assert not p.healthy() and not p.is_running()
         assert p.managed_record() is None and p.stop() is False
+
+
+def test_status_crosses_the_api_in_both_directions(isolated_home: Paths) -> None:
+    # The CLI rebuilds the status the daemon sent; a daemon of another version adds or lacks fields.
+    p = _provider(isolated_home, "ollama", f"http://127.0.0.1:{free_port()}", "some-model:1b")
+    sent = dataclasses.asdict(p.status())
+    assert LlmStatus.from_dict(sent) == p.status()
+    newer = {**sent, "field_from_a_newer_daemon": 1}
+    older = {k: v for k, v in sent.items() if k not in ("runs_on", "context", "notes")}
+    assert LlmStatus.from_dict(newer).model == "some-model:1b"
+    assert LlmStatus.from_dict(older).runs_on == "" and LlmStatus.from_dict(older).context == 0

@@ -61,12 +61,15 @@ class ErrorCode(enum.Enum):
     FILESYSTEM = ("filesystem", 9, 500, False)
     # 10: not possible here
     UNSUPPORTED = ("unsupported", 10, 501, False)
+    MODEL_TOO_LARGE = ("model_too_large", 10, 507, False)  # a model this machine cannot hold
     # 11: refused by someone else's server
     ACCESS_DENIED = ("access_denied", 11, 403, False)
     UNAUTHORIZED = ("unauthorized", 11, 401, False)
     # 12, 13: an agent execution did not complete
     EXECUTION_FAILED = ("execution_failed", 12, 500, False)
     EXECUTION_CANCELLED = ("execution_cancelled", 13, 409, False)
+    # 14: `stigmer doctor` found problems (its report says which, each with its fix)
+    DOCTOR_PROBLEMS = ("doctor_problems", 14, 500, False)
     # 130: interrupted (Ctrl-C), as shells report SIGINT
     INTERRUPTED = ("interrupted", 130, 499, True)
 

@@ -14,6 +14,8 @@ Environment knobs (besides OLLAMA_HOST, OLLAMA_MODELS, OLLAMA_NOPRUNE):
   OLLAMA_FAKE_START_DELAY  seconds slept before binding
   OLLAMA_FAKE_READY_DELAY  seconds after "Listening on" during which requests wait (GPU discovery)
   OLLAMA_FAKE_REPLY        text of the canned answer of /api/generate, /api/chat, /v1/chat/completions
+  OLLAMA_FAKE_SIZE_VRAM    share (0 to 1) of a loaded model that /api/ps reports in GPU memory
+                           (size_vram = share x size; default 1: all of it; 0: a CPU-only runner)
 
 The bottom of the file has helpers for the tests themselves (FakeOllama, install_model, stop_process);
 the script never uses them.
@@ -187,6 +189,10 @@ _BUILTIN_CATALOG: dict[str, dict[str, Any]] = {
         "seed": "qwen2.5-coder:7b",
     },
     "qwen2.5-coder:1.5b": {"family": "qwen2", "parameter_size": "1.5B", "quantization_level": "Q4_K_M"},
+    # The other sizes the default model is chosen among (by RAM and GPU memory).
+    "qwen2.5-coder:3b": {"family": "qwen2", "parameter_size": "3.1B", "quantization_level": "Q4_K_M"},
+    "qwen2.5-coder:14b": {"family": "qwen2", "parameter_size": "14.8B", "quantization_level": "Q4_K_M"},
+    "qwen2.5-coder:32b": {"family": "qwen2", "parameter_size": "32.8B", "quantization_level": "Q4_K_M"},
     "llama3.2:latest": {"family": "llama", "parameter_size": "3.2B", "quantization_level": "Q4_K_M"},
     "llama3.2:3b": {
         "family": "llama",
@@ -700,10 +706,11 @@ class _Handler(BaseHTTPRequestHandler):
                 with contextlib.suppress(OSError, ValueError, KeyError):
                     info = app.store.summary(name, path)
                     info.pop("modified_at")
+                    share = min(1.0, max(0.0, _env_float("OLLAMA_FAKE_SIZE_VRAM", 1.0)))
                     info.update(
                         {
                             "expires_at": rfc3339nano(int(until * 1e9)),
-                            "size_vram": info["size"],
+                            "size_vram": int(info["size"] * share),
                             "context_length": 4096,
                         }
                     )

@@ -14,7 +14,8 @@ Knobs (attributes, read at each request, so a test may change them between calls
   throttle       bytes per second per response (None: as fast as the kernel goes)
   cdn_fail       HTTP statuses answered to the next CDN requests, one each (e.g. [503])
 Every CDN request is logged in `cdn_log` (digest, Range header, status, bytes sent). Large files are
-served with os.sendfile straight from disk.
+served with os.sendfile straight from disk. `add_model` again with another spec publishes a new version
+under the same name (the old blobs stay served); `set_manifest` serves given manifest bytes.
 """
 
 from __future__ import annotations
@@ -154,6 +155,14 @@ class FakeRegistry:
             "layers": layers,
         }
         self.models[_split_name(name)] = _Model(json.dumps(manifest).encode(), kinds)
+
+    def set_manifest(self, name: str, manifest: bytes) -> None:
+        """Serve these exact manifest bytes for `name` (e.g. the manifest an Ollama store holds), its
+        blobs taken from `blobs` when it names bytes held there."""
+        self.models[_split_name(name)] = _Model(manifest)
+
+    def manifest(self, name: str) -> bytes:
+        return self.models[_split_name(name)].manifest
 
     def digest(self, name: str, kind: str = "model") -> str:
         return self.models[_split_name(name)].layers[kind]

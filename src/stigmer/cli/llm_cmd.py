@@ -1,16 +1,23 @@
-"""`stigmer server llm list|pull|rm|status|import` (and `server status`)."""
+"""`stigmer server llm list|pull|rm|status|import|show|update|upgrade-runtime`."""
 
 from __future__ import annotations
 
 import argparse
 from dataclasses import asdict
+from typing import TYPE_CHECKING
 
 from stigmer.cli.common import context
 from stigmer.cli.render import Out, Progress
 from stigmer.errors import ErrorCode, StigmerError
 from stigmer.llm import active
 from stigmer.llm.names import parse_model_name, same_model
-from stigmer.llm.provider import CATALOG, ModelCatalog, Provider
+from stigmer.llm.provider import CATALOG, LocalRuntime, ModelCatalog, Provider
+from stigmer.units import human_bytes
+
+if TYPE_CHECKING:
+    from stigmer.config.store import Settings
+    from stigmer.llm.models.fit_check import Assessment
+    from stigmer.paths import Paths
 
 
 def _catalog(provider: Provider, what: str) -> ModelCatalog:
@@ -31,7 +38,7 @@ def status(args: argparse.Namespace) -> int:
 
     daemon = control.fetch_status(Paths.from_env())  # the running server knows: no config to read
     if daemon is not None and isinstance(daemon.get("llm"), dict):
-        st = LlmStatus(**daemon["llm"])
+        st = LlmStatus.from_dict(daemon["llm"])
     else:
         paths, settings = context()
         st = active.status(settings, paths)
@@ -61,6 +68,9 @@ def pull(args: argparse.Namespace) -> int:
     out = Out()
     provider = active.provider(settings, paths)
     catalog = _catalog(provider, "pull")
+    _fit_before_download(
+        out, provider, args.model, force=args.force, command=f"stigmer server llm pull {args.model} --force"
+    )
     out.note(f"Pulling model {name}...")
     out.note("This may take several minutes depending on model size")
     out.note()
@@ -101,4 +111,163 @@ def import_model(args: argparse.Namespace) -> int:
     if not same_model(model.name, settings.llm.model):
         out.line("To use this model, update your configuration:")
         out.line(f"  stigmer config set llm.model {model.name}")
+    return 0
+
+
+def _fit_before_download(out: Out, provider: Provider, model: str, *, force: bool, command: str) -> None:
+    """The fit check of a model about to be downloaded (refused when it does not fit, unless --force)."""
+    if not isinstance(provider, LocalRuntime):
+        return
+    if provider.name == "ollama" and not provider.is_running():
+        from stigmer.llm.provider import not_running_error
+
+        raise not_running_error()  # the runtime pulls: nothing to check before it runs
+    if provider.is_downloaded(model):
+        return
+    from stigmer.llm.models.fit_check import before_download
+
+    for notice in before_download(
+        model,
+        provider=provider.name,
+        settings=provider.settings,
+        paths=provider.paths,
+        force=force,
+        force_command=command,
+    ):
+        out.warn(notice)
+
+
+def _local_provider(settings: Settings, paths: Paths, what: str) -> Provider:
+    provider = active.provider(settings, paths)
+    if not isinstance(provider, LocalRuntime):
+        raise StigmerError(
+            f"The {provider.label} provider runs elsewhere: there is no local model to {what}.",
+            hint="Local providers (ollama, llamacpp) run models here: stigmer config set llm.provider ollama",
+            code=ErrorCode.UNSUPPORTED,
+        )
+    return provider
+
+
+def show(args: argparse.Namespace) -> int:
+    from stigmer.llm.models.fit_check import describe
+
+    paths, settings = context()
+    provider = _local_provider(settings, paths, "show")
+    model = args.model or provider.model
+    parse_model_name(model)
+    out = Out()
+    if not args.json:
+        out.note(f"Reading the header of {model}...")
+    found = describe(model, provider=provider.name, settings=settings, paths=paths)
+    if args.json:
+        out.json(found.to_dict())
+    else:
+        render_assessment(out, found)
+    return 0
+
+
+FITS = {
+    "gpu": "yes, on the GPU",
+    "partial": "yes, split between the GPU and the CPU (slower)",
+    "cpu": "yes, on the CPU",
+    "does_not_fit": "no: it does not fit",
+}
+
+
+def render_assessment(out: Out, a: Assessment) -> None:
+    e = a.estimate
+    out.line(f"Model:           {a.model}")
+    if a.downloaded:
+        out.line(f"File:            {a.origin} ({human_bytes(a.file_size)})")
+    else:
+        out.line(f"From:            {a.origin}")
+        out.line(f"Download:        {human_bytes(a.download_size)} (not downloaded yet)")
+    out.line(f"Architecture:    {a.architecture}")
+    out.line(f"Quantization:    {a.quantization}")
+    out.line(f"Parameters:      {_count(a.parameters)}")
+    out.line(f"Layers:          {a.layers}")
+    out.line(f"Trained context: {a.trained_context or 'unknown'} tokens")
+    if a.context_auto:
+        why = "chosen for this machine, as llm.context_size is 0"
+    elif a.provider == "llamacpp":
+        why = "llm.context_size"
+    else:
+        why = "the Local LLM's default"
+    out.line(f"Context:         {a.context} tokens ({why})")
+    if a.context_note:
+        out.line(f"                 {a.context_note}")
+    out.line(f"Memory at {a.context} tokens:")
+    out.line(f"  Weights:       {human_bytes(e.weights)}")
+    out.line(f"  KV cache:      {human_bytes(e.kv_cache)}")
+    out.line(f"  Overhead:      {human_bytes(e.overhead)}")
+    out.line(f"  Total:         {human_bytes(e.total)}")
+    out.line(f"Fits:            {FITS.get(a.fit.kind, a.fit.kind)}")
+    out.line(f"                 {a.fit.reason}")
+    if not a.downloaded:
+        disk = a.fit.disk_reason or (
+            f"{human_bytes(a.download_size)} to download, {human_bytes(a.disk_free)} free in {a.models_dir}"
+        )
+        out.line(f"Disk:            {'ok' if a.fit.disk_ok else 'not enough'}: {disk}")
+
+
+def _count(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit} ({n:,})"
+    return str(n)
+
+
+def update(args: argparse.Namespace) -> int:
+    from stigmer.llm.models.updates import update_model
+
+    paths, settings = context()
+    provider = _local_provider(settings, paths, "update")
+    model = args.model or provider.model
+    parse_model_name(model)
+    out = Out()
+    out.note(f"Looking for a newer version of {model}...")
+    with Progress(out) as progress:
+        result = update_model(
+            settings,
+            paths,
+            provider=provider.name,
+            model=model,
+            base_url=provider.base_url,
+            report=progress,
+            force=args.force,
+        )
+    if not result.updated:
+        out.info(result.message, err=False)
+        return 0
+    out.success(result.message)
+    if same_model(model, provider.model) and isinstance(provider, LocalRuntime) and provider.is_running():
+        out.line("The Local LLM serves the new version after a restart: stigmer server restart")
+    return 0
+
+
+def upgrade_runtime(args: argparse.Namespace) -> int:
+    from stigmer.llm.ollama.upgrade import upgrade_runtime as upgrade
+
+    paths, settings = context()
+    out = Out()
+    with Progress(out) as progress:
+        result = upgrade(
+            settings,
+            paths,
+            progress,
+            version=args.version,
+            on_wait=lambda: out.info(
+                "Another stigmer command is starting or stopping the server; waiting..."
+            ),
+        )
+    if result.outcome == "current":
+        out.info(result.message, err=False)
+        return 0
+    out.success(result.message)
+    if result.restarted:
+        out.line(f"  The Local LLM was restarted on {result.version} and passed its health check.")
+    else:
+        out.line(f"  {result.version} passed its health check; the Local LLM uses it from its next start.")
+    if result.removed:
+        out.line(f"  Removed the previous version ({result.removed}).")
     return 0

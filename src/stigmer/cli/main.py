@@ -20,7 +20,9 @@ exit codes:
   0 success, 1 unexpected error (a bug), 2 usage, 3 configuration, 4 network, 5 integrity (a download or
   file did not check out), 6 not found, 7 busy or in the way (a port, another command, a model in use),
   8 a service failed, 9 disk or filesystem, 10 not supported here, 11 refused (authorisation),
-  12 an execution failed, 13 an execution was cancelled, 130 interrupted. With --json, errors are printed on stderr as {"error": {"code", "message", "hint"}}."""
+  12 an execution failed, 13 an execution was cancelled, 14 `stigmer doctor` found problems, 130 interrupted.
+  A model that does not fit this machine is refused with 10 (model_too_large) or 9 (not enough disk).
+  With --json, errors are printed on stderr as {"error": {"code", "message", "hint"}}."""
 
 
 def _lines(text: str) -> int:
@@ -52,9 +54,20 @@ def _parser() -> argparse.ArgumentParser:
         "what is missing), Temporal, the agent runner and the HTTP API, all supervised. Prints the "
         "status once every service passes its health check.",
     )
+    server.add_argument(
+        "--force",
+        action="store_true",
+        help="download the configured model even if it does not fit this machine",
+    )
     server.set_defaults(handler="server_cmd:start")
     ssub = server.add_subparsers(dest="server_command", metavar="SUBCOMMAND")
-    ssub.add_parser("start", help="the same as `stigmer server`").set_defaults(handler="server_cmd:start")
+    sstart = ssub.add_parser("start", help="the same as `stigmer server`")
+    sstart.add_argument(
+        "--force",
+        action="store_true",
+        help="download the configured model even if it does not fit this machine",
+    )
+    sstart.set_defaults(handler="server_cmd:start")
     ssub.add_parser(
         "run", help="run the server in the foreground (for containers and service managers)"
     ).set_defaults(handler="server_cmd:run")
@@ -93,6 +106,7 @@ def _parser() -> argparse.ArgumentParser:
     ls.set_defaults(handler="llm_cmd:list_models")
     pull = lsub.add_parser("pull", help="download a model")
     pull.add_argument("model", help="e.g. qwen2.5-coder:7b, or hf.co/ORG/REPO:QUANT for the built-in engine")
+    pull.add_argument("--force", action="store_true", help="download it even if it does not fit this machine")
     pull.set_defaults(handler="llm_cmd:pull")
     rm = lsub.add_parser("rm", help="remove a downloaded model")
     rm.add_argument("model")
@@ -104,6 +118,26 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("path", help="path to a .gguf file")
     imp.add_argument("--name", required=True, help="name to serve it under, e.g. mymodel:q4")
     imp.set_defaults(handler="llm_cmd:import_model")
+    show = lsub.add_parser(
+        "show",
+        help="what a model needs here: memory estimate, context, whether it fits (reads only its header)",
+        description="Read the model's GGUF header (its file, or the first MB from the registry or Hugging "
+        "Face) and estimate its memory at the context it would get: weights, KV cache, overhead; say "
+        "whether it fits on the GPU, partly, on the CPU, or not at all.",
+    )
+    show.add_argument("model", nargs="?", help="the model (default: the one configured)")
+    show.add_argument("--json", action="store_true", help="machine-readable output")
+    show.set_defaults(handler="llm_cmd:show")
+    upd = lsub.add_parser("update", help="fetch a newer version of a model (only the layers that changed)")
+    upd.add_argument("model", nargs="?", help="the model (default: the one configured)")
+    upd.add_argument("--force", action="store_true", help="download it even if it does not fit this machine")
+    upd.set_defaults(handler="llm_cmd:update")
+    upg = lsub.add_parser(
+        "upgrade-runtime",
+        help="install a newer Local LLM runtime; the old one stays until the new one passes its health check",
+    )
+    upg.add_argument("version", nargs="?", help="e.g. 0.34.0 (default: the newest release)")
+    upg.set_defaults(handler="llm_cmd:upgrade_runtime")
 
     run = sub.add_parser(
         "run",
@@ -175,6 +209,16 @@ def _parser() -> argparse.ArgumentParser:
         "server's API and STIGMER_API_TOKEN to its token, so streamed answers reach it.",
     )
     wk.set_defaults(handler="run_cmd:worker")
+
+    doc = sub.add_parser(
+        "doctor",
+        help="check this machine and the server; each problem with the command that fixes it",
+        description="Hardware (RAM, CPU, GPUs), the LLM runtime and where it came from, the server and its "
+        "services, addresses, the model and whether it runs on the GPU, the models folder. Exit code 14 "
+        "when a problem is found.",
+    )
+    doc.add_argument("--json", action="store_true", help="machine-readable output")
+    doc.set_defaults(handler="doctor_cmd:doctor")
 
     cfg = sub.add_parser("config", help="read and change settings")
     csub = cfg.add_subparsers(dest="config_command", metavar="SUBCOMMAND", required=True)

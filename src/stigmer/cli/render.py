@@ -171,7 +171,7 @@ class Out:
         llm = data.get("llm")
         if isinstance(llm, dict):
             self.line()
-            self.llm_block(LlmStatus(**llm))
+            self.llm_block(LlmStatus.from_dict(llm))
         web = (data.get("web_ui") or {}).get("temporal")
         if web:
             self.line()

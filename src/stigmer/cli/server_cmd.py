@@ -35,8 +35,9 @@ def _local_settings(paths: Paths, out: Out) -> tuple[Settings, bool]:
     return settings, created
 
 
-def bring_up(out: Out) -> tuple[dict[str, Any], bool, float]:
-    """Start the server (or find it running): its status, whether it was started now, and how long it took."""
+def bring_up(out: Out, *, force: bool = False) -> tuple[dict[str, Any], bool, float]:
+    """Start the server (or find it running): its status, whether it was started now, and how long it took.
+    `force`: download the configured model even when the fit check says it does not fit."""
     import time
 
     from stigmer.llm.provider import stop_llm
@@ -55,7 +56,9 @@ def bring_up(out: Out) -> tuple[dict[str, Any], bool, float]:
             out.note(f"{out.ok()} Using local LLM (no API key required)")
         out.note("  Starting Stigmer server...")
         with Progress(out) as progress:
-            llm = setup(settings, paths, progress)
+            llm = setup(settings, paths, progress, force=force)
+            for notice in llm.notices:  # low RAM, a model downloaded despite the fit check
+                out.warn(notice)
             try:
                 started = control.start(settings, paths, progress)
             except StigmerError:
@@ -72,16 +75,38 @@ def bring_up(out: Out) -> tuple[dict[str, Any], bool, float]:
     return status, started, time.monotonic() - t0
 
 
-def start(_args: argparse.Namespace) -> int:
+def start(args: argparse.Namespace) -> int:
     out = Out()
-    status, started, seconds = bring_up(out)
+    status, started, seconds = bring_up(out, force=getattr(args, "force", False))
     if started:
         out.success(f"Ready! Stigmer server is running ({seconds:.1f}s)")
     else:
         out.success(f"Ready! Stigmer server was already running ({seconds:.1f}s)")
     out.line()
     out.server_block(status)
+    _offer_update(out, status)
     return 0
+
+
+def _offer_update(out: Out, status: dict[str, Any]) -> None:
+    """The weekly look for a newer version of the model served (a notice, never a delay of more than
+    about two seconds, never an error)."""
+    llm = status.get("llm")
+    if not isinstance(llm, dict) or llm.get("fallback") or not llm.get("running"):
+        return
+    from stigmer.config import store
+    from stigmer.llm.models.updates import check_on_start
+
+    paths = Paths.from_env()
+    found = check_on_start(
+        store.load(paths),
+        paths,
+        provider=str(llm.get("provider")),
+        model=str(llm.get("model")),
+        base_url=str(llm.get("base_url")),
+    )
+    if found:
+        out.info(found)
 
 
 def run(_args: argparse.Namespace) -> int:

@@ -118,6 +118,12 @@ class LlmSettings:
         "Web origins (besides this machine's) allowed to call the built-in engine from a browser, "
         "comma-separated; like OLLAMA_ORIGINS.",
     )
+    update_check: bool = setting(
+        True,
+        Boolean(),
+        "Once a week, `stigmer server` compares the model in use with the registry's (a 2-second look "
+        "at its manifest, never blocking a start) and says when an update is available.",
+    )
 
     @property
     def is_local(self) -> bool:

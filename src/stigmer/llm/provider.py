@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from stigmer.config.store import Settings
@@ -59,6 +59,14 @@ class LlmStatus:
     fallback: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
     remote: bool = False  # an endpoint elsewhere: "running" means it answers and takes the key
+    runs_on: str = ""  # gpu | partial | cpu, as the runtime reports the loaded model; "" when unknown
+    context: int = 0  # the context window the server was started with (the built-in engine), 0 unknown
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> LlmStatus:
+        """A status as the daemon sent it; fields a newer or older daemon adds or lacks do not break it."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
 
 
 def not_running_error(label: str = "Local LLM") -> StigmerError:
@@ -115,6 +123,9 @@ class LocalRuntime(ABC):
     extra: dict[str, Any]
     noun: ClassVar[str]
     name: ClassVar[str]
+    # ensure_runtime fetches the model too (the built-in engine ships with Stigmer: what it needs is the
+    # model); otherwise the model is pulled by the running server (ensure_model).
+    model_with_runtime: ClassVar[bool] = False
 
     @abstractmethod
     def is_running(self) -> bool:
@@ -135,6 +146,11 @@ class LocalRuntime(ABC):
     @abstractmethod
     def ensure_model(self, model: str, report: Reporter) -> None:
         """Make the running server serve `model`, pulling it with progress when missing."""
+
+    def is_downloaded(self, model: str) -> bool:
+        """`model` is on this machine, so serving it downloads nothing (no fit check needed before).
+        A runtime that cannot tell says True: the check is for downloads it knows it will make."""
+        return True
 
     def llm_spec(
         self, argv: list[str], env: dict[str, str], *, what: str, model: str, ready_timeout: float = 30.0

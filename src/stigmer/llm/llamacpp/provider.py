@@ -4,11 +4,16 @@ It needs no runtime download: the engine ships in the xllamacpp wheel and runs a
 process (same service layer as the downloaded runtime). It serves one model at a time, so a change of
 model restarts it: the new model is checked before the running engine is stopped, and if the new one
 still fails to start, the previous model is served again.
+
+Its context window is llm.context_size, or when that is 0, chosen at each start from the model's header
+and the RAM available then (llm.models.fit_check.auto_context): the largest context up to the model's
+trained maximum that fits, with a floor and a logged note when memory keeps it small.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import urllib.error
 from pathlib import Path
@@ -31,14 +36,18 @@ from stigmer.net import http
 from stigmer.net.addresses import host_port
 from stigmer.services.spec import ServiceSpec
 
+log = logging.getLogger(__name__)
+
 PROBE_TIMEOUT = 2.0
 ENGINE_OWNER = "llamacpp"
+CPU_NOTE = "Runs on the CPU (the built-in engine uses no GPU in this build)"
 
 
 class LlamaCppProvider(Provider, LocalRuntime, ModelCatalog):
     name = "llamacpp"
     label = "Local (built-in engine)"
     noun = "Local LLM (built-in engine)"
+    model_with_runtime = True
 
     # -- running? ----------------------------------------------------------------------------------
     def served_model(self) -> str | None:
@@ -92,17 +101,27 @@ class LlamaCppProvider(Provider, LocalRuntime, ModelCatalog):
     def _model_file(self, model: str, report: Reporter) -> StoredModel:
         return sources.ensure(self.paths, self.settings, model, report)
 
-    def engine_argv(self, model: StoredModel) -> list[str]:
-        from stigmer.llm.llamacpp.engine import default_context_size, default_threads, engine_argv
+    def context_size(self, model: StoredModel) -> tuple[int, str]:
+        """The context window to start `model` with, and a note when memory limited it."""
+        if self.settings.llm.context_size:
+            return self.settings.llm.context_size, ""
+        from stigmer.llm.models.fit_check import auto_context_for_file
+
+        return auto_context_for_file(Path(model.path))
+
+    def engine_argv(self, model: StoredModel, *, ctx_size: int | None = None) -> list[str]:
+        from stigmer.llm.llamacpp.engine import default_threads, engine_argv
 
         host, port = host_port(self.base_url)
+        if ctx_size is None:
+            ctx_size = self.context_size(model)[0]
         return engine_argv(
             sys.executable,
             model_path=Path(model.path),
             alias=model.name,
             host=host,
             port=port,
-            ctx_size=self.settings.llm.context_size or default_context_size(),
+            ctx_size=ctx_size,
             threads=self.settings.llm.threads or default_threads(),
             origins=self.settings.llm.origins,
         )
@@ -115,13 +134,20 @@ class LlamaCppProvider(Provider, LocalRuntime, ModelCatalog):
     def service_spec(self, report: Reporter, model: str | None = None) -> ServiceSpec:
         stored = self._model_file(model or self.model, report)
         report(Event(STARTING, "Starting local LLM server (built-in engine)"))
+        ctx_size, note = self.context_size(stored)
+        log.info("%s: context window of %d tokens%s", stored.name, ctx_size, f" ({note})" if note else "")
+        if note:  # a context smaller than the model's: worth a line on the way
+            report(Event(STARTING, f"Context window of {stored.name}: {note}"))
         return self.llm_spec(
-            self.engine_argv(stored),
+            self.engine_argv(stored, ctx_size=ctx_size),
             self.engine_env(),
             what="Local LLM server (built-in engine)",
             model=stored.name,
             ready_timeout=60,
         )
+
+    def is_downloaded(self, model: str) -> bool:
+        return sources.local_model(self.paths, model) is not None
 
     def healthy(self) -> bool:
         try:
@@ -205,6 +231,8 @@ class LlamaCppProvider(Provider, LocalRuntime, ModelCatalog):
         model = served or self.model
         if served and not same_model(served, self.model):
             notes.append(f"configured model {self.model} is not served yet; run: stigmer server")
+        if served:
+            notes.append(CPU_NOTE)
         return LlmStatus(
             provider=self.name,
             label=self.label,
@@ -216,7 +244,17 @@ class LlamaCppProvider(Provider, LocalRuntime, ModelCatalog):
             available=available,
             base_url=self.base_url,
             notes=notes,
+            runs_on="cpu" if served else "",
+            context=_ctx_size(rec.argv) if rec and served else 0,
         )
+
+
+def _ctx_size(argv: list[str]) -> int:
+    """The --ctx-size the engine was started with (its pid record keeps the command line)."""
+    try:
+        return int(argv[argv.index("--ctx-size") + 1])
+    except (ValueError, IndexError):
+        return 0
 
 
 def check_model(model: StoredModel) -> None:

@@ -107,10 +107,68 @@ def pull_from_hf(name: ModelName, *, store: ModelStore, report: Reporter) -> Sto
         raise ours from None  # huggingface_hub's chain holds request details; ours says what matters
 
 
+def _listed_file(name: ModelName, quant: str | None, endpoint: str, timeout: float | None = None) -> HfFile:
+    """The GGUF file of the repo a pull takes, from the Hub's listing (sizes and LFS sha256 included)."""
+    from huggingface_hub import HfApi
+
+    from stigmer import __version__
+
+    repo = f"{name.namespace}/{name.model}"
+    # library_name: our name in the User-Agent, as huggingface_hub asks of libraries built on it.
+    api = HfApi(endpoint=endpoint, library_name="stigmer", library_version=__version__)
+    info = api.model_info(repo, files_metadata=True, timeout=timeout)
+    files = [
+        HfFile(s.rfilename, s.size, s.lfs.sha256 if s.lfs is not None else None) for s in info.siblings or []
+    ]
+    return choose_gguf(files, quant, f"hf.co/{repo}")
+
+
+def remote_file(name: ModelName, *, timeout: float) -> tuple[HfFile, str, dict[str, str]]:
+    """The file a pull of `name` would take, the URL its bytes are read from, and the headers to send:
+    the CDN the Hub redirects to is asked without the token, the Hub itself with it (gated repos)."""
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
+
+    # Public in huggingface_hub's docs, but its utils package does not list it in __all__.
+    from huggingface_hub.utils import build_hf_headers  # type: ignore[attr-defined]
+
+    from stigmer import __version__
+
+    if hf_offline() or constants.is_offline_mode():
+        raise NetworkUnreachable(
+            f"Hugging Face offline mode is on (HF_HUB_OFFLINE): {name} cannot be looked at.",
+            hint="Unset HF_HUB_OFFLINE, or use --force to skip the check.",
+            code=ErrorCode.HF_OFFLINE,
+        )
+    quant = None if name.tag.lower() == DEFAULT_TAG else name.tag
+    endpoint = hf_endpoint()
+    repo = f"{name.namespace}/{name.model}"
+    try:
+        file = _listed_file(name, quant, endpoint, timeout)
+        url = hf_hub_url(repo, file.path, revision=REVISION, endpoint=endpoint)
+        meta = get_hf_file_metadata(
+            url, timeout=timeout, library_name="stigmer", library_version=__version__, endpoint=endpoint
+        )
+    except StigmerError:
+        raise
+    except Exception as e:
+        ours = hf_errors.translate(e, name, endpoint)
+        if ours is None:
+            raise
+        raise ours from None
+    location = str(meta.location or url)
+    same_host = urlsplit(location).netloc == urlsplit(endpoint).netloc
+    headers = build_hf_headers(library_name="stigmer", library_version=__version__) if same_host else {}
+    if meta.size and not file.size:
+        file = HfFile(file.path, int(meta.size), file.sha256)
+    return file, location, dict(headers)
+
+
 def _pull_online(
     name: ModelName, quant: str | None, cache: Path, endpoint: str, store: ModelStore, report: Reporter
 ) -> StoredModel:
-    from huggingface_hub import HfApi, constants, hf_hub_download
+    from huggingface_hub import constants, hf_hub_download
 
     from stigmer import __version__
 
@@ -118,13 +176,7 @@ def _pull_online(
         return _pull_offline(name, quant, cache, store, report)
     repo = f"{name.namespace}/{name.model}"
     where = f"hf.co/{repo}"
-    # library_name: our name in the User-Agent, as huggingface_hub asks of libraries built on it.
-    api = HfApi(endpoint=endpoint, library_name="stigmer", library_version=__version__)
-    info = api.model_info(repo, files_metadata=True)
-    files = [
-        HfFile(s.rfilename, s.size, s.lfs.sha256 if s.lfs is not None else None) for s in info.siblings or []
-    ]
-    file = choose_gguf(files, quant, where)
+    file = _listed_file(name, quant, endpoint)
     log.info("pulling %s from %s (%s)", file.path, where, human_bytes(file.size or 0))
 
     cached = file.sha256 is not None and hf_cache.cached_sha256(repo, file.path, cache) == file.sha256

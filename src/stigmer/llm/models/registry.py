@@ -7,6 +7,10 @@ then moved into the store by digest; the small `.template` and `.params` layers 
 checked against their digests, and kept in the store's index entry. `.system`, `.license` and the
 config blob are not needed by the engine and are skipped.
 
+Pulling a name again (an update) fetches only what changed: a model layer already in the store and a
+small layer whose digest the existing entry records are reused. The entry also records the sha256 of
+the manifest, which the weekly update check compares with the registry's (llm.models.updates).
+
 Which registry: names on registry.ollama.ai (the default host), or on the host of the configured
 `llm.registry_url`, go to that configured URL, so a mirror serves the default names; any other host in
 a name (`example.com/ns/model:tag`, `hf.co/ORG/REPO:QUANT`, which speaks the same protocol) is asked
@@ -90,7 +94,8 @@ def pull_from_registry(
     """Download `name` into the store (skipping a model layer it already holds) and index it."""
     url = manifest_url(name, registry_url)
     report(Event(INSTALLING, f"Pulling manifest for {name}"))
-    layers = fetch_manifest(name, url)
+    raw = fetch_manifest_bytes(name, url)
+    layers = parse_manifest(name, raw)
     models = [layer for layer in layers if layer.media_type == MODEL]
     if len(models) != 1:
         raise StigmerError(
@@ -110,7 +115,15 @@ def pull_from_registry(
 
     template: str | None = None
     params: dict[str, Any] | None = None
+    before = store.get(name.short)
     for layer in small:
+        if before is not None and before.layers.get(layer.media_type) == layer.digest:
+            log.info("%s: layer %s unchanged, reused", name, layer.hex[:12])
+            if layer.media_type == TEMPLATE:
+                template = before.template
+            else:
+                params = before.params
+            continue
         data = _fetch_small(name, registry_url, layer, report)
         if layer.media_type == TEMPLATE:
             template = data.decode("utf-8", "replace")
@@ -134,6 +147,8 @@ def pull_from_registry(
         template=template,
         params=params,
         origin=http.redact(url),
+        manifest_digest=hashlib.sha256(raw).hexdigest(),
+        layers={layer.media_type: layer.digest for layer in small},
     )
     store.add(stored)
     return stored
@@ -169,20 +184,32 @@ def _download_model(
 
 
 def fetch_manifest(name: ModelName, url: str) -> list[Layer]:
+    return parse_manifest(name, fetch_manifest_bytes(name, url))
+
+
+def fetch_manifest_bytes(
+    name: ModelName, url: str, *, timeout: float | None = None, purpose: str = "pull"
+) -> bytes:
+    """The manifest as the registry sends it (its sha256 is the model's version); errors translated.
+    `purpose` completes "Could not reach the model registry ... to <purpose> <name>"."""
     headers = {"Accept": MANIFEST_TYPE}
     try:
-        with http.request(url, headers=headers, timeout=STALL_TIMEOUT) as resp:
-            raw = resp.read(MAX_MANIFEST + 1)
+        with http.request(url, headers=headers, timeout=timeout or STALL_TIMEOUT) as resp:
+            raw: bytes = resp.read(MAX_MANIFEST + 1)
     except urllib.error.HTTPError as e:
         e.close()
         raise _manifest_error(name, url, e) from None
     except (urllib.error.URLError, OSError) as e:
         raise NetworkUnreachable(
-            f"Could not reach the model registry {http.redact(url)} to pull {name}: {http.describe(e)}.",
+            f"Could not reach the model registry {http.redact(url)} to {purpose} {name}: {http.describe(e)}.",
             hint="Check your connection (and HTTPS_PROXY). If the registry is blocked on your network, use "
             "a mirror: stigmer config set llm.registry_url URL",
             code=ErrorCode.NETWORK_UNREACHABLE,
         ) from None
+    return raw
+
+
+def parse_manifest(name: ModelName, raw: bytes) -> list[Layer]:
     try:
         if len(raw) > MAX_MANIFEST:
             raise ValueError("too large")

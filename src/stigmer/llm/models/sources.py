@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from stigmer.config.store import Settings
@@ -77,23 +78,52 @@ def _find_ci(folder: Path, parts: list[str]) -> Path | None:
     return node
 
 
-def from_ollama_store(
-    name: ModelName, store: ModelStore, dirs: list[Path] | None = None
-) -> StoredModel | None:
-    """Use a model another Ollama install already downloaded: point at its blob, copy nothing."""
+@dataclass(frozen=True)
+class OllamaStoreModel:
+    """A model in an Ollama store on disk: its manifest (and that file's sha256, the digest Ollama's
+    /api/tags shows) and its whole GGUF blob."""
+
+    root: Path
+    manifest: Path
+    manifest_digest: str
+    layers: dict[str, dict[str, object]]
+    blob: Path
+
+
+def find_in_ollama_store(name: ModelName, dirs: list[Path] | None = None) -> OllamaStoreModel | None:
+    """The model in the first Ollama store that holds all of it; reads only, changes nothing."""
+    import hashlib
+
     for root in dirs if dirs is not None else ollama_store_dirs():
         manifest = _find_ci(root / "manifests", [name.host, name.namespace, name.model, name.tag])
         if manifest is None or not manifest.is_file():
             continue
         try:
-            data = json.loads(manifest.read_text(encoding="utf-8"))
+            raw = manifest.read_bytes()
+            data = json.loads(raw)
             layers = {layer["mediaType"]: layer for layer in data.get("layers", [])}
             model_layer = layers[MODEL_LAYER]
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             continue
         blob = root / "blobs" / str(model_layer["digest"]).replace(":", "-")
-        if not blob.is_file() or blob.stat().st_size != int(model_layer["size"]):
+        try:
+            whole = blob.is_file() and blob.stat().st_size == int(model_layer["size"])
+        except (OSError, ValueError, TypeError):
+            whole = False
+        if not whole:
             continue  # a partial or damaged blob: not usable
+        return OllamaStoreModel(root, manifest, hashlib.sha256(raw).hexdigest(), layers, blob)
+    return None
+
+
+def from_ollama_store(
+    name: ModelName, store: ModelStore, dirs: list[Path] | None = None
+) -> StoredModel | None:
+    """Use a model another Ollama install already downloaded: point at its blob, copy nothing."""
+    found = find_in_ollama_store(name, dirs)
+    if found is not None:
+        root, manifest, layers, blob = found.root, found.manifest, found.layers, found.blob
+        model_layer = layers[MODEL_LAYER]
         template = _read_layer(root, layers.get(TEMPLATE_LAYER))
         params_text = _read_layer(root, layers.get(PARAMS_LAYER))
         stored_name = ModelName(name.host, name.namespace, manifest.parent.name, manifest.name).short

@@ -2,8 +2,13 @@
 
 models/
   blobs/sha256-<hex>      model files and small layers (chat template, params), by content
-  index.json              name -> {source, size, sha256, modified, path, template, params}
+  index.json              name -> {source, size, sha256, modified, path, template, params, manifest_digest,
+                          layers}
   .lock                   every change to the index happens under this file lock
+
+Adding a name that is already there replaces its entry in one atomic write of the index (the new blob
+is in place before the index points at it); the blob the old entry used is then deleted when no entry
+needs it any more (an update leaves no orphan behind).
 
 A model may also live outside the store (the starter model inside its wheel, a blob in a shared Ollama
 store): its entry then records that path and nothing is copied.
@@ -40,6 +45,11 @@ class StoredModel:
     template: str | None = None  # the registry's chat template layer, when there was one
     params: dict[str, Any] | None = None  # the registry's params layer (stop tokens, ...)
     origin: str = ""  # where it came from: registry URL, hf repo/file, the imported path
+    # Registry models: the sha256 of the manifest pulled (what an update check compares with the
+    # registry's), and the digests of the small layers kept in this entry (media type -> sha256:hex),
+    # so that an update fetches only the layers that changed.
+    manifest_digest: str = ""
+    layers: dict[str, str] = field(default_factory=dict)
 
     @property
     def key(self) -> str:
@@ -97,11 +107,31 @@ class ModelStore:
                 return m if Path(m.path).exists() else None
         return None
 
-    def add(self, model: StoredModel) -> None:
+    def add(self, model: StoredModel) -> StoredModel | None:
+        """Index `model` (replacing an entry of the same name); the entry it replaced, if any."""
         with self.locked():
             models = self._read()
+            raw = models.get(model.key)
             models[model.key] = asdict(model)
             self._write(models)
+            try:
+                previous = StoredModel(**raw) if raw is not None else None
+            except TypeError:
+                previous = None  # an entry from a newer version: its blob is left alone
+            if previous is not None and previous.path != model.path:
+                self._drop_unused(previous, models)
+            return previous
+
+    def _drop_unused(self, removed: StoredModel, models: dict[str, dict[str, Any]]) -> None:
+        """Delete the blob of an entry that is gone, when it is ours and no other entry uses it."""
+        still_used = {m.get("path") for m in models.values()}
+        blob = Path(removed.path)
+        # Only files inside our own blob folder are ours to delete; linked files belong to others.
+        if blob.parent == self.blobs and str(blob) not in still_used:
+            try:
+                blob.unlink(missing_ok=True)
+            except OSError:
+                pass  # in use elsewhere (Windows keeps open files): it goes with the next clean-up
 
     def remove(self, name: str) -> StoredModel | None:
         key = parse_model_name(name).key
@@ -112,11 +142,7 @@ class ModelStore:
                 return None
             removed = StoredModel(**raw)
             self._write(models)
-            still_used = {m.get("path") for m in models.values()}
-            blob = Path(removed.path)
-            # Only files inside our own blob folder are ours to delete; linked files belong to others.
-            if blob.parent == self.blobs and str(blob) not in still_used:
-                blob.unlink(missing_ok=True)
+            self._drop_unused(removed, models)
             return removed
 
     def adopt(self, src: Path, sha256: str) -> Path:

@@ -1,11 +1,23 @@
-"""The Local LLM runtime (Ollama), shown to users only as "Local LLM"."""
+"""The Local LLM runtime (Ollama), shown to users only as "Local LLM".
+
+Its default model follows the machine: while llm.model is not set, the model is chosen from RAM and GPU
+memory in tiers (hw.fit.default_model) by `stigmer server`, which remembers the choice and its reason in
+data/default-model.json, so that every later status (and the daemon) shows the same model without
+probing the GPUs again. The status says whether the runtime runs the loaded model on the GPU (its
+/api/ps: size_vram against size), and says plainly when it runs on the CPU.
+"""
 
 from __future__ import annotations
 
+import json
+import logging
 import shutil
 import urllib.error
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
+from stigmer.config.schema import PROVIDER_DEFAULTS
+from stigmer.config.store import Settings
 from stigmer.errors import ErrorCode, NetworkUnreachable, StigmerError
 from stigmer.events import INSTALLING, STARTING, Event, Reporter
 from stigmer.llm.names import parse_model_name, same_model
@@ -20,9 +32,85 @@ from stigmer.llm.provider import (
 )
 from stigmer.net import http
 from stigmer.net.addresses import host_port
+from stigmer.paths import Paths
 from stigmer.services.spec import ServiceSpec
 
+if TYPE_CHECKING:
+    from stigmer.hw.report import HardwareReport
+
+log = logging.getLogger(__name__)
+
 PROBE_TIMEOUT = 2.0
+DEFAULT_CHOICE = "default-model.json"  # under data/: the model chosen for this machine, and why
+
+
+def uses_default_model(settings: Settings) -> bool:
+    """llm.model is not set anywhere (so the machine decides)."""
+    return (
+        settings.sources.get("llm.model") == "default"
+        and settings.llm.model == PROVIDER_DEFAULTS["ollama"]["model"]
+    )
+
+
+def default_choice(
+    paths: Paths, *, hardware: HardwareReport | None = None, refresh: bool = False
+) -> tuple[str, str]:
+    """(model, why) for this machine: the remembered choice, else (or with `refresh`, or a given
+    `hardware`) chosen now from RAM and GPU memory and remembered."""
+    from stigmer.fsutil import atomic_write
+
+    path = paths.data_dir / DEFAULT_CHOICE
+    if hardware is None and not refresh:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if (
+                isinstance(data, dict)
+                and isinstance(data.get("model"), str)
+                and isinstance(data.get("reason"), str)
+            ):
+                return data["model"], data["reason"]
+        except (OSError, ValueError):
+            pass
+    if hardware is None:
+        from stigmer.hw.report import detect
+
+        hardware = detect(paths.models_dir)
+    from stigmer.hw.fit import default_model
+
+    name, reason = default_model(hardware.ram_total, hardware.vram_total)
+    record = {
+        "model": name,
+        "reason": reason,
+        "ram_total": hardware.ram_total,
+        "vram_total": hardware.vram_total,
+    }
+    if paths.home.is_dir():  # a status before the first start writes nothing
+        try:
+            paths.ensure(paths.data_dir)
+            atomic_write(path, json.dumps(record, indent=2).encode())
+        except OSError as e:
+            log.info("could not remember the default model in %s: %s", path, e)
+    return name, reason
+
+
+def placement(entry: Mapping[str, Any]) -> tuple[str, str]:
+    """Where a loaded model runs, from its /api/ps entry: (gpu | partial | cpu, a sentence)."""
+    size = int(entry.get("size") or 0)
+    vram = int(entry.get("size_vram") or 0)
+    if size <= 0:
+        return "", ""
+    if vram >= size:
+        return "gpu", "Runs on the GPU (all of the model is in GPU memory)"
+    if vram > 0:
+        share = vram * 100 // size
+        return "partial", (
+            f"Runs partly on the CPU: {share}% of the model is in GPU memory, the rest in RAM "
+            "(slower; a smaller model fits the GPU whole)"
+        )
+    return (
+        "cpu",
+        "Runs on the CPU: no part of the model is in GPU memory (if this machine has a GPU: stigmer doctor)",
+    )
 
 
 def download_failure_hint(paths_bin: str, download_url: str) -> str:
@@ -52,6 +140,20 @@ class OllamaProvider(Provider, LocalRuntime, ModelCatalog):
     name = "ollama"
     label = "Local"
     noun = "Local LLM"
+
+    def __init__(
+        self,
+        settings: Settings,
+        paths: Paths,
+        *,
+        model: str | None = None,
+        base_url: str | None = None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__(settings, paths, model=model, base_url=base_url, extra=extra)
+        self.default_reason = ""  # why this machine got its default model (when llm.model is not set)
+        if model is None and uses_default_model(settings):
+            self.model, self.default_reason = default_choice(paths)
 
     # -- running? ----------------------------------------------------------------------------------
     def is_running(self) -> bool:
@@ -155,6 +257,30 @@ class OllamaProvider(Provider, LocalRuntime, ModelCatalog):
     def has_model(self, model: str) -> bool:
         return any(same_model(m.name, model) for m in self.list_models())
 
+    def is_downloaded(self, model: str) -> bool:
+        """Asked of the running server (its store may be anywhere), else of the store on disk."""
+        try:
+            running = self.is_running()
+        except StigmerError:
+            running = False
+        if running:
+            try:
+                return self.has_model(model)
+            except StigmerError:
+                pass
+        from stigmer.llm.models.sources import find_in_ollama_store
+
+        return find_in_ollama_store(parse_model_name(model)) is not None
+
+    def loaded(self) -> list[dict[str, Any]]:
+        """The models the runtime holds in memory now (/api/ps); empty when it does not answer."""
+        try:
+            data = http.get_json(self.url("/api/ps"), timeout=PROBE_TIMEOUT)
+        except (urllib.error.URLError, OSError, ValueError):
+            return []
+        models = data.get("models") if isinstance(data, dict) else None
+        return [m for m in models or [] if isinstance(m, dict)]
+
     def ensure_model(self, model: str, report: Reporter) -> None:
         if not self.has_model(model):
             self.pull(model, report)
@@ -228,11 +354,22 @@ class OllamaProvider(Provider, LocalRuntime, ModelCatalog):
         except StigmerError:
             running = False
         available: list[str] = []
+        notes: list[str] = []
+        runs_on = ""
+        if self.default_reason:
+            notes.append(
+                f"Chosen for this machine ({self.default_reason}); to choose: stigmer config set llm.model NAME"
+            )
         if running:
             try:
                 available = [m.name for m in self.list_models()]
             except StigmerError:
                 pass
+            entry = next((m for m in self.loaded() if same_model(str(m.get("name", "")), model)), None)
+            if entry is not None:
+                runs_on, sentence = placement(entry)
+                if sentence:
+                    notes.append(sentence)
         return LlmStatus(
             provider=self.name,
             label=self.label,
@@ -243,6 +380,8 @@ class OllamaProvider(Provider, LocalRuntime, ModelCatalog):
             model_available=any(same_model(a, model) for a in available),
             available=available,
             base_url=self.base_url,
+            notes=notes,
+            runs_on=runs_on,
         )
 
 
