@@ -56,8 +56,10 @@ def sandbox() -> Any:
 
 
 def warm_up() -> None:
-    """Build one model before serving: the OpenAI SDK and the model data load lazily on first use
-    (~1.5 s here), which inside a workflow would trip Temporal's 2-second deadlock detector."""
+    """Build one model: the OpenAI SDK and the model data load lazily on first use (~0.5-1.5 s here),
+    which inside a workflow task could trip Temporal's 2-second deadlock detector. Run in a thread once
+    the worker polls, so that its start (and `stigmer server`'s Ready!) does not wait for it; a workflow
+    task that comes meanwhile waits on the same import, for what is left of it."""
     from stigmer.runner import llm
 
     target = llm.LlmTarget(
@@ -74,7 +76,6 @@ async def serve(settings: Settings, paths: Paths, stop: asyncio.Event, stamp: Pa
 
     client = await connect(settings)
     assert isinstance(client, Client)
-    warm_up()
     worker = Worker(
         client,
         task_queue=TASK_QUEUE,
@@ -84,6 +85,8 @@ async def serve(settings: Settings, paths: Paths, stop: asyncio.Event, stamp: Pa
     )
     async with worker:
         log.info("polling task queue %s on %s", TASK_QUEUE, settings.temporal.address)
+        warming = asyncio.create_task(asyncio.to_thread(warm_up))
+        warming.add_done_callback(_warmed)
         while not stop.is_set():
             if stamp is not None:
                 stamp.parent.mkdir(parents=True, exist_ok=True)
@@ -96,6 +99,11 @@ async def serve(settings: Settings, paths: Paths, stop: asyncio.Event, stamp: Pa
 
     await close_servers()  # the MCP server processes this worker started
     log.info("worker stopped")
+
+
+def _warmed(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("warming up the model client failed (the first execution loads it): %r", task.exception())
 
 
 def main(*, stamp: bool = True) -> int:
