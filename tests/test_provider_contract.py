@@ -18,7 +18,6 @@ from stigmer.llm.names import same_model
 from stigmer.llm.provider import (
     CATALOG,
     RUNTIME,
-    LlmStatus,
     LocalRuntime,
     ModelCatalog,
     ModelInfo,
@@ -27,6 +26,7 @@ from stigmer.llm.provider import (
     registered,
     stop_llm,
 )
+from stigmer.llm.status import LlmStatus
 from stigmer.paths import Paths
 from tests.doubles.archives import free_port
 from tests.doubles.fake_llm_apis import FakeAnthropic, FakeOpenAI

@@ -17,7 +17,6 @@ from stigmer.llm import setup as llm_setup
 from stigmer.llm.provider import (
     CATALOG,
     RUNTIME,
-    LlmStatus,
     LocalRuntime,
     ModelCatalog,
     ModelInfo,
@@ -25,6 +24,7 @@ from stigmer.llm.provider import (
     get_provider,
     register,
 )
+from stigmer.llm.status import LlmStatus
 from stigmer.paths import Paths
 from stigmer.services.env import PYTHON, child_env
 from stigmer.services.manager import Services

@@ -78,7 +78,7 @@ def diagnose(paths: Paths) -> Report:
     from stigmer.errors import StigmerError
     from stigmer.llm import active
     from stigmer.llm.models.fit_check import download_folder, machine
-    from stigmer.llm.provider import LlmStatus
+    from stigmer.llm.status import LlmStatus
     from stigmer.server import control
 
     problems: list[Problem] = []

@@ -32,7 +32,7 @@ def _catalog(provider: Provider, what: str) -> ModelCatalog:
 
 
 def status(args: argparse.Namespace) -> int:
-    from stigmer.llm.provider import LlmStatus
+    from stigmer.llm.status import LlmStatus
     from stigmer.paths import Paths
     from stigmer.server import control
 

@@ -19,7 +19,8 @@ from stigmer.units import human_bytes
 
 if TYPE_CHECKING:
     from stigmer.events import Event
-    from stigmer.llm.provider import LlmStatus, ModelInfo
+    from stigmer.llm.provider import ModelInfo
+    from stigmer.llm.status import LlmStatus
 
 _COLORS = {"green": "32", "red": "31", "cyan": "36", "yellow": "33", "bold": "1", "dim": "2"}
 MARKERS = {
@@ -147,7 +148,7 @@ class Out:
 
     def server_block(self, data: dict[str, Any]) -> None:
         """The original CLI's status layout, filled with every service's real state."""
-        from stigmer.llm.provider import LlmStatus
+        from stigmer.llm.status import LlmStatus
 
         self.line("Stigmer Server Status:")
         self.line(self.rule)

@@ -6,7 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 from stigmer.config.store import Settings
-from stigmer.llm.provider import SERVICE, LlmStatus, Provider, get_provider
+from stigmer.llm.provider import SERVICE, Provider, get_provider
+from stigmer.llm.status import LlmStatus
 from stigmer.paths import Paths
 
 

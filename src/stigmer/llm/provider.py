@@ -16,12 +16,13 @@ from __future__ import annotations
 import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from stigmer.config.store import Settings
 from stigmer.errors import ErrorCode, StigmerError
 from stigmer.events import Reporter
+from stigmer.llm.status import LlmStatus
 from stigmer.net.addresses import host_port
 from stigmer.paths import Paths
 
@@ -43,30 +44,6 @@ class ModelInfo:
     modified: str  # RFC 3339
     digest: str = ""
     source: str = ""
-
-
-@dataclass
-class LlmStatus:
-    provider: str
-    label: str  # what users see: "Local", "Local (built-in engine)"
-    running: bool
-    pid: int | None
-    managed: bool  # started by Stigmer (so `server stop` will stop it)
-    model: str
-    model_available: bool
-    available: list[str]
-    base_url: str
-    fallback: dict[str, Any] | None = None
-    notes: list[str] = field(default_factory=list)
-    remote: bool = False  # an endpoint elsewhere: "running" means it answers and takes the key
-    runs_on: str = ""  # gpu | partial | cpu, as the runtime reports the loaded model; "" when unknown
-    context: int = 0  # the context window the server was started with (the built-in engine), 0 unknown
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> LlmStatus:
-        """A status as the daemon sent it; fields a newer or older daemon adds or lacks do not break it."""
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
 
 
 def not_running_error(label: str = "Local LLM") -> StigmerError:

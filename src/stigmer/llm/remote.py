@@ -17,7 +17,8 @@ from typing import Any, ClassVar
 
 from stigmer.errors import ErrorCode, StigmerError
 from stigmer.llm.endpoint import ChatEndpoint, Message, OpenAICompatible
-from stigmer.llm.provider import LlmStatus, Provider
+from stigmer.llm.provider import Provider
+from stigmer.llm.status import LlmStatus
 from stigmer.net import http
 
 MAX_LISTED = 20  # models shown in a status; an account can list hundreds

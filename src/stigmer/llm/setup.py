@@ -22,7 +22,8 @@ from stigmer.config.store import Settings
 from stigmer.errors import NetworkUnreachable
 from stigmer.events import INITIALIZING, Event, Reporter, silent
 from stigmer.llm import fallback
-from stigmer.llm.provider import SERVICE, LlmStatus, LocalRuntime, Provider, get_provider, stop_llm
+from stigmer.llm.provider import SERVICE, LocalRuntime, Provider, get_provider, stop_llm
+from stigmer.llm.status import LlmStatus
 from stigmer.paths import Paths
 
 if TYPE_CHECKING:

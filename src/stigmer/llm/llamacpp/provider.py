@@ -25,13 +25,13 @@ from stigmer.llm.models.starter import STARTER_MODEL, starter_model_path
 from stigmer.llm.models.store import StoredModel
 from stigmer.llm.names import parse_model_name, same_model
 from stigmer.llm.provider import (
-    LlmStatus,
     LocalRuntime,
     ModelCatalog,
     ModelInfo,
     Provider,
     stop_llm,
 )
+from stigmer.llm.status import LlmStatus
 from stigmer.net import http
 from stigmer.net.addresses import host_port
 from stigmer.services.spec import ServiceSpec

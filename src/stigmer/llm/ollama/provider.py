@@ -23,13 +23,13 @@ from stigmer.events import INSTALLING, STARTING, Event, Reporter
 from stigmer.llm.names import parse_model_name, same_model
 from stigmer.llm.ollama import assets
 from stigmer.llm.provider import (
-    LlmStatus,
     LocalRuntime,
     ModelCatalog,
     ModelInfo,
     Provider,
     not_running_error,
 )
+from stigmer.llm.status import LlmStatus
 from stigmer.net import http
 from stigmer.net.addresses import host_port
 from stigmer.paths import Paths
