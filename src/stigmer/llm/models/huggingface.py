@@ -17,7 +17,8 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 from stigmer.errors import ErrorCode, IntegrityError, NetworkUnreachable, StigmerError
@@ -95,8 +96,15 @@ def pull_from_hf(name: ModelName, *, store: ModelStore, report: Reporter) -> Sto
     if hf_offline():
         return _pull_offline(name, quant, cache, store, report)
     endpoint = hf_endpoint()
-    try:
+    with _translated(name, endpoint):
         return _pull_online(name, quant, cache, endpoint, store, report)
+
+
+@contextmanager
+def _translated(name: ModelName, endpoint: str) -> Iterator[None]:
+    """huggingface_hub's errors as ours (what happened, what to do); anything else goes on as it is."""
+    try:
+        yield
     except StigmerError:
         raise
     except Exception as e:
@@ -144,19 +152,12 @@ def remote_file(name: ModelName, *, timeout: float) -> tuple[HfFile, str, dict[s
     quant = None if name.tag.lower() == DEFAULT_TAG else name.tag
     endpoint = hf_endpoint()
     repo = f"{name.namespace}/{name.model}"
-    try:
+    with _translated(name, endpoint):
         file = _listed_file(name, quant, endpoint, timeout)
         url = hf_hub_url(repo, file.path, revision=REVISION, endpoint=endpoint)
         meta = get_hf_file_metadata(
             url, timeout=timeout, library_name="stigmer", library_version=__version__, endpoint=endpoint
         )
-    except StigmerError:
-        raise
-    except Exception as e:
-        ours = hf_errors.translate(e, name, endpoint)
-        if ours is None:
-            raise
-        raise ours from None
     location = str(meta.location or url)
     same_host = urlsplit(location).netloc == urlsplit(endpoint).netloc
     headers = build_hf_headers(library_name="stigmer", library_version=__version__) if same_host else {}
