@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import tarfile
+import time
 import zipfile
 from pathlib import Path
 
@@ -130,6 +131,30 @@ def test_pid_record_identity_and_zombie(tmp_path: Path) -> None:
         assert psutil.Process(child.pid).status() == psutil.STATUS_ZOMBIE
         assert not records.is_ours(rec)
         assert records.live_record(tmp_path / "p.pid") is None and not (tmp_path / "p.pid").exists()
+    finally:
+        child.kill()
+        child.wait()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="pthread_exit of the main thread, as Linux shows it")
+def test_a_zombie_main_thread_with_threads_still_ending_is_not_gone() -> None:
+    # llama.cpp's threads can outlive the main thread by a moment; until they end, the process's
+    # sockets stay open, so a restart on the same port must wait for them too (it failed in CI).
+    code = (
+        "import ctypes, threading, time\n"
+        "threading.Thread(target=time.sleep, args=(1.5,)).start()\n"
+        "ctypes.CDLL(None).pthread_exit(None)\n"
+    )
+    child = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        proc = psutil.Process(child.pid)
+        deadline = time.monotonic() + 5
+        while proc.status() != psutil.STATUS_ZOMBIE and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert proc.status() == psutil.STATUS_ZOMBIE and proc.num_threads() == 2
+        assert spawn.wait_gone([proc], timeout=0.2) == [proc]  # its thread still runs
+        assert spawn.wait_gone([proc], timeout=5) == []  # the thread ended: gone, though not reaped
+        assert child.poll() is not None or proc.status() == psutil.STATUS_ZOMBIE
     finally:
         child.kill()
         child.wait()

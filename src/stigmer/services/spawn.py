@@ -150,6 +150,8 @@ def wait_gone(procs: list[Any], *, timeout: float) -> list[Any]:
 
     A process that exited but is not reaped yet (a zombie) counts as gone: detached services are
     children of PID 1, which may reap them late (~2 s measured here) or, in some containers, never.
+    Only once all its threads have exited, though: a zombie main thread whose other threads are still
+    ending (llama.cpp's) still holds the process's files and ports.
     """
     import psutil
 
@@ -159,7 +161,7 @@ def wait_gone(procs: list[Any], *, timeout: float) -> list[Any]:
         alive = []
         for p in procs:
             try:
-                if p.status() != psutil.STATUS_ZOMBIE:
+                if p.status() != psutil.STATUS_ZOMBIE or p.num_threads() > 1:
                     alive.append(p)
             except psutil.NoSuchProcess:
                 pass
