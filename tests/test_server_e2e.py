@@ -225,6 +225,38 @@ def test_a_service_that_cannot_start_leaves_nothing(isolated_home: Paths, remote
     assert temporals == []
 
 
+def test_an_llm_that_cannot_start_leaves_nothing(isolated_home: Paths, engine_env: dict[str, str]) -> None:
+    # The daemon starts Temporal, the API and the worker while the command sets the LLM up; when that
+    # fails, the daemon is told so, stops them all and exits: nothing is left, the error is the LLM's.
+    port = int(engine_env["STIGMER_LLM_BASE_URL"].rsplit(":", 1)[1])
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", port))
+    blocker.listen()
+    try:
+        r = run_cli("server", env=engine_env, timeout=120)
+    finally:
+        blocker.close()
+    assert r.returncode == 7, r.stderr
+    assert f"Port {port}" in r.stderr and "Traceback" not in r.stderr
+    _wait(lambda: not list(isolated_home.run_dir.glob("*.pid")), timeout=30)
+    home = str(isolated_home.home)
+
+    def ours() -> list[int]:
+        found = []
+        for p in psutil.process_iter(["pid"]):
+            try:
+                if p.pid != os.getpid() and p.environ().get("STIGMER_HOME") == home:
+                    found.append(p.pid)
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                pass
+        return found
+
+    _wait(lambda: ours() == [], timeout=30)
+    state = json.loads((isolated_home.run_dir / "state.json").read_text())
+    assert state["phase"] == "failed" and "abandoned" in state["message"]
+    assert json.loads(run_cli("server", "status", "--json", env=engine_env).stdout)["running"] is False
+
+
 def _get(url: str, headers: dict[str, str]) -> tuple[int, dict[str, Any]]:
     req = urllib.request.Request(url, headers=headers)
     try:

@@ -41,7 +41,7 @@ def bring_up(out: Out, *, force: bool = False) -> tuple[dict[str, Any], bool, fl
     import time
 
     from stigmer.llm.provider import stop_llm
-    from stigmer.llm.setup import setup
+    from stigmer.llm.setup import SetupResult, setup
     from stigmer.server import control
     from stigmer.services.lock import control_lock
 
@@ -56,13 +56,18 @@ def bring_up(out: Out, *, force: bool = False) -> tuple[dict[str, Any], bool, fl
             out.note(f"{out.ok()} Using local LLM (no API key required)")
         out.note("  Starting Stigmer server...")
         with Progress(out) as progress:
-            llm = setup(settings, paths, progress, force=force)
-            for notice in llm.notices:  # low RAM, a model downloaded despite the fit check
-                out.warn(notice)
+            done: list[SetupResult] = []
+
+            def set_up_llm() -> None:
+                llm = setup(settings, paths, progress, force=force)
+                done.append(llm)
+                for notice in llm.notices:  # low RAM, a model downloaded despite the fit check
+                    out.warn(notice)
+
             try:
-                started = control.start(settings, paths, progress)
+                started = control.start(settings, paths, progress, set_up_llm)
             except StigmerError:
-                if llm.started:
+                if done and done[0].started:
                     stop_llm(paths)  # started by this command for a server that did not come up
                 raise
         status = control.fetch_status(paths)

@@ -1,17 +1,19 @@
 """Starting, stopping and asking the daemon, from a short-lived command (the CLI).
 
-The caller holds the control lock. start() sets up the local LLM in this process (so downloads show live
-progress), then spawns the daemon detached and follows run/state.json until every service passes its
-health check, reporting each one as it comes up. If one fails, the daemon stops what it started and the
+The caller holds the control lock. start() spawns the daemon detached, which starts Temporal, the API and
+the agent runner, while this process sets up the local LLM (so downloads show live progress); then it
+follows run/state.json until every service passes its health check, reporting each one as it comes up. If one fails, the daemon stops what it started and the
 error names the service, its log and the log's last lines.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from stigmer.errors import ErrorCode, StigmerError
@@ -22,6 +24,7 @@ from stigmer.server import state as st
 
 if TYPE_CHECKING:
     from stigmer.config.store import Settings
+    from stigmer.services.record import ProcessRecord
 
 START_TIMEOUT = 180.0
 POLL = 0.02
@@ -59,31 +62,86 @@ def is_running(paths: Paths) -> bool:
     return rec is not None and state is not None and state.pid == rec.pid and state.phase == st.PHASE_READY
 
 
-def start(settings: Settings, paths: Paths, report: Reporter) -> bool:
-    """Make the daemon run with every service healthy. True when it was started now."""
+def start(settings: Settings, paths: Paths, report: Reporter, set_up_llm: Callable[[], object]) -> bool:
+    """Make the daemon run with every service healthy; True when it was started now.
+
+    `set_up_llm` is the caller's LLM set-up (downloads with their progress on the user's terminal). A
+    daemon being started starts Temporal, the API and the worker meanwhile, and is told `go` once the
+    LLM is ready; if the set-up fails, the daemon is told nothing, stops what it started and exits.
+    """
     from stigmer.server.state import daemon_record
 
     rec = daemon_record(paths)
     if rec is not None:
         state = st.read(paths)
         if state is not None and state.pid == rec.pid and state.phase == st.PHASE_READY:
+            set_up_llm()
             return False
         # a daemon that is not ready while we hold the lock is stuck or failing: replace it
         stop(paths)
-    spawn_and_wait(paths, report)
+    proc, daemon = spawn_daemon(paths)
+    assert proc.stdin is not None
+    starting = [name for name in ORDER if name != "llm" and (name != "temporal" or settings.temporal.managed)]
+    for name in reversed(starting):  # start order: Temporal, the API, the agent runner
+        report(Event(STARTING, _label(name)))
+    try:
+        set_up_llm()
+    except BaseException:
+        _abandon(proc, daemon)
+        raise
+    try:
+        proc.stdin.write(b"go\n")
+        proc.stdin.close()
+    except OSError:
+        pass  # it died meanwhile: wait_ready says how
+    wait_ready(paths, proc, daemon, report, seen={name: st.STARTING for name in starting})
     return True
 
 
-def spawn_and_wait(paths: Paths, report: Reporter, *, timeout: float = START_TIMEOUT) -> None:
+def spawn_daemon(paths: Paths) -> tuple[subprocess.Popen[bytes], ProcessRecord]:
     from stigmer.services import spawn
 
     paths.ensure(paths.run_dir, paths.logs_dir)
     st.state_path(paths).unlink(missing_ok=True)  # a report from an earlier daemon must not be read as ours
-    log_path = paths.log_file("daemon")
-    proc, _rec = spawn.start_detached(
-        daemon_argv(), env=daemon_env(), log_path=log_path, pid_path=None, service="daemon", info={}
+    return spawn.start_detached(
+        daemon_argv(),
+        env=daemon_env(),
+        log_path=paths.log_file("daemon"),
+        pid_path=None,
+        service="daemon",
+        info={},
+        stdin_pipe=True,
     )
-    seen: dict[str, str] = {}
+
+
+def _abandon(proc: subprocess.Popen[bytes], daemon: ProcessRecord) -> None:
+    """The LLM set-up failed: close the daemon's stdin without `go`; it stops what it started and exits."""
+    from stigmer.services import spawn
+
+    with contextlib.suppress(OSError):
+        assert proc.stdin is not None
+        proc.stdin.close()
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        spawn.stop(daemon, timeout=30)
+
+
+def wait_ready(
+    paths: Paths,
+    proc: subprocess.Popen[bytes],
+    daemon: ProcessRecord,
+    report: Reporter,
+    *,
+    seen: dict[str, str] | None = None,
+    timeout: float = START_TIMEOUT,
+) -> None:
+    """Follow run/state.json until every service is ready, reporting each as it comes up (`seen`: the
+    states already reported)."""
+    from stigmer.services import spawn
+
+    log_path = paths.log_file("daemon")
+    seen = dict(seen or {})
     deadline = time.monotonic() + timeout
     while True:
         state = st.read(paths)
@@ -100,7 +158,7 @@ def spawn_and_wait(paths: Paths, report: Reporter, *, timeout: float = START_TIM
         if proc.poll() is not None:
             raise _daemon_died(paths, proc.returncode, log_path)
         if time.monotonic() > deadline:
-            spawn.stop(_rec, timeout=30)
+            spawn.stop(daemon, timeout=30)
             raise StigmerError(
                 f"The Stigmer server did not become ready within {timeout:.0f} seconds.",
                 hint=f"Nothing was left running. See its log: {log_path}",

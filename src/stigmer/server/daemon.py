@@ -15,7 +15,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import IO, Any
 
@@ -139,17 +139,20 @@ class TemporalService:
         return specs.answers_200(url)
 
 
-def plan(
-    settings: Settings, paths: Paths, llm: Provider
-) -> tuple[list[Managed], dict[str, st.ServiceStatus]]:
-    """The services this daemon runs, and the ones it only reports (a remote LLM, an external Temporal)."""
-    members: list[Managed] = []
-    external: dict[str, st.ServiceStatus] = {}
+def plan_llm(settings: Settings, paths: Paths, llm: Provider) -> Managed | st.ServiceStatus:
+    """The local LLM as a service this daemon runs, or (a remote LLM, an Ollama the user runs) one it
+    only reports."""
     if isinstance(llm, LocalRuntime) and llm.managed_record() is not None:
         svc = LlmService(settings, paths, llm)
-        members.append(Managed(LLM, build=svc.build, probe=svc.probe, stop_timeout=10))
-    else:
-        external[LLM] = st.ServiceStatus(LLM, state=st.EXTERNAL, address=llm.base_url)
+        return Managed(LLM, build=svc.build, probe=svc.probe, stop_timeout=10)
+    return st.ServiceStatus(LLM, state=st.EXTERNAL, address=llm.base_url)
+
+
+def plan(settings: Settings, paths: Paths) -> tuple[list[Managed], dict[str, st.ServiceStatus]]:
+    """The services besides the LLM that this daemon runs, and the ones it only reports (an external
+    Temporal). None of them needs the LLM to start, so they start while it is set up."""
+    members: list[Managed] = []
+    external: dict[str, st.ServiceStatus] = {}
     if settings.temporal.managed:
         temporal = TemporalService(settings, paths)
         members.append(Managed(specs.TEMPORAL, build=temporal.build, probe=temporal.probe, stop_timeout=10))
@@ -173,7 +176,9 @@ def plan(
 
 # -- the process ------------------------------------------------------------------------------------------
 def run(*, under_lock: bool = False) -> int:
-    """The daemon's life. `under_lock`: the spawning `stigmer server` holds the control lock for us."""
+    """The daemon's life. `under_lock`: spawned by `stigmer server`, which holds the control lock for
+    us and sets the LLM up itself (with its progress on the user's terminal) while we start the other
+    services; it says `go` on our stdin when the LLM is ready, or closes it when that failed."""
     paths = Paths.from_env()
     settings = store.load(paths)
     stop = threading.Event()
@@ -207,7 +212,8 @@ def _argv() -> list[str]:
 
 def _serve(settings: Settings, paths: Paths, stop: threading.Event, under_lock: bool) -> int:
     from stigmer.llm import active
-    from stigmer.llm.setup import setup
+    from stigmer.llm.provider import stop_llm
+    from stigmer.llm.setup import SetupResult, setup
     from stigmer.server.token import ensure_token
     from stigmer.services.lock import control_lock
 
@@ -222,23 +228,47 @@ def _serve(settings: Settings, paths: Paths, stop: threading.Event, under_lock: 
     interval = float(os.environ.get(CHECK_INTERVAL_ENV) or 2.0)
     lock = contextlib.nullcontext() if under_lock else control_lock(paths)
     supervisor: Supervisor | None = None
+    llm: SetupResult | None = None
     try:
         with lock:
-            st.write(paths, state)
-            llm = setup(settings, paths, _log_event)
-            members, external = plan(settings, paths, active.provider(settings, paths))
-            for m in members:
-                m.started_here = m.name == LLM and llm.started  # stopped again if the start fails
+            state.services[LLM] = st.ServiceStatus(LLM, state=st.STARTING)  # first in the status
+            members, external = plan(settings, paths)
             state.services.update(external)
             if settings.temporal.managed and settings.temporal.ui_port:
                 state.web_ui = f"http://localhost:{settings.temporal.ui_port}"
             supervisor = Supervisor(settings, paths, services=members, daemon_state=state, interval=interval)
-            supervisor.start_all()
+            supervisor.save()
+            # Temporal, the API and the worker start while the LLM is set up: none of them needs it.
+            others = _Background(supervisor.start_all)
+            try:
+                if under_lock:
+                    _wait_for_caller()
+                llm = setup(settings, paths, _log_event)
+            except BaseException:
+                others.join()  # then stop what it started: the start as a whole failed
+                supervisor.stop_started()
+                raise
+            others.join()
+            others.raise_error()
+            llm_service = plan_llm(settings, paths, active.provider(settings, paths))
+            if isinstance(llm_service, Managed):
+                llm_service.started_here = llm.started  # stopped again if the start fails
+                supervisor.add(llm_service)
+            else:
+                state.services[LLM] = llm_service
         state.phase = st.PHASE_READY
         supervisor.save()
         log.info("ready: %s", ", ".join(f"{n} pid {s.pid}" for n, s in state.services.items() if s.pid))
         supervisor.run(stop)
+    except CallerGaveUp:
+        state.phase, state.message = st.PHASE_FAILED, "the start was abandoned: the Local LLM was not set up"
+        state.services.pop(LLM, None)
+        st.write(paths, state)
+        log.info("%s", state.message)
+        return 1
     except StartFailed as e:
+        if llm is not None and llm.started:
+            stop_llm(paths)  # set up by this start for a server that did not come up
         state.phase, state.failed_service = st.PHASE_FAILED, e.service
         state.message = e.message
         st.write(paths, state)
@@ -246,7 +276,7 @@ def _serve(settings: Settings, paths: Paths, stop: threading.Event, under_lock: 
         return 1
     except StigmerError as e:
         state.phase, state.message = st.PHASE_FAILED, e.message
-        state.failed_service = LLM if supervisor is None else None
+        state.failed_service = LLM if llm is None else None
         st.write(paths, state)
         log.error("start failed: %s\n%s", e.message, e.hint)
         return 1
@@ -257,6 +287,40 @@ def _serve(settings: Settings, paths: Paths, stop: threading.Event, under_lock: 
             supervisor.stop_all()
             log.info("stopped")
     return 0
+
+
+class CallerGaveUp(Exception):
+    """The `stigmer server` that spawned us could not set the LLM up (it says why to the user)."""
+
+
+def _wait_for_caller() -> None:
+    """Block until the spawning command says `go` on stdin; EOF (it failed, or died) ends the start."""
+    line = sys.stdin.buffer.readline()
+    if line.strip() != b"go":
+        raise CallerGaveUp
+
+
+class _Background:
+    """A function run in a thread, its exception kept for the caller to raise."""
+
+    def __init__(self, fn: Callable[[], None]) -> None:
+        self.error: BaseException | None = None
+
+        def target() -> None:
+            try:
+                fn()
+            except BaseException as e:  # noqa: BLE001 - handed to the thread that joins
+                self.error = e
+
+        self.thread = threading.Thread(target=target, name="start", daemon=True)
+        self.thread.start()
+
+    def join(self) -> None:
+        self.thread.join()
+
+    def raise_error(self) -> None:
+        if self.error is not None:
+            raise self.error
 
 
 def _log_event(event: Event) -> None:

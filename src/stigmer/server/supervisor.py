@@ -104,21 +104,33 @@ class Supervisor:
             wave = [m for m in pending if set(m.needs) <= done]
             if not wave:
                 raise RuntimeError(f"unsatisfiable service dependencies: {[m.name for m in pending]}")
-            errors: dict[str, BaseException] = {}
-            threads = [threading.Thread(target=self._bring_up, args=(m, errors), name=m.name) for m in wave]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            self.save()
-            if errors:
-                name, error = next(iter(errors.items()))
-                self.stop_started()
-                if isinstance(error, StigmerError):
-                    raise StartFailed(name, error) from error
-                raise error
+            self._start_wave(wave)
             done.update(m.name for m in wave)
             pending = [m for m in pending if m.name not in done]
+
+    def add(self, m: Managed) -> None:
+        """Bring one more service up and supervise it with the others (the LLM, once it is set up): it
+        comes first, so it is stopped last. On a failure, stop what this start started."""
+        if not m.status.name:
+            m.status = st.ServiceStatus(m.name, log=str(self.paths.log_file(m.name)))
+        self.services = {m.name: m, **self.services}
+        self.state.services[m.name] = m.status
+        self._start_wave([m])
+
+    def _start_wave(self, wave: list[Managed]) -> None:
+        errors: dict[str, BaseException] = {}
+        threads = [threading.Thread(target=self._bring_up, args=(m, errors), name=m.name) for m in wave]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        self.save()
+        if errors:
+            name, error = next(iter(errors.items()))
+            self.stop_started()
+            if isinstance(error, StigmerError):
+                raise StartFailed(name, error) from error
+            raise error
 
     def _bring_up(self, m: Managed, errors: dict[str, BaseException]) -> None:
         try:

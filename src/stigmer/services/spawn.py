@@ -85,8 +85,10 @@ def start_detached(
     info: dict[str, Any],
     cwd: Path | None = None,
     pass_fds: tuple[int, ...] = (),
+    stdin_pipe: bool = False,
 ) -> tuple[subprocess.Popen[bytes], ProcessRecord]:
-    """Spawn argv detached, output appended to log_path; its record is written to pid_path (if given)."""
+    """Spawn argv detached, output appended to log_path; its record is written to pid_path (if given).
+    `stdin_pipe`: its stdin is a pipe from us (to say one thing at start), not /dev/null."""
     log_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     rotate_log(log_path)
     log.debug("starting %s: %s", service, argv)
@@ -95,7 +97,7 @@ def start_detached(
         try:
             proc = subprocess.Popen(
                 argv,
-                stdin=subprocess.DEVNULL,
+                stdin=subprocess.PIPE if stdin_pipe else subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 env=dict(env),
