@@ -233,13 +233,14 @@ def stop(paths: Paths) -> list[tuple[str, int]]:
 def fetch_status(paths: Paths, *, timeout: float = 5.0) -> dict[str, Any] | None:
     """The daemon's /v1/status, or None when no daemon runs. While the API itself is down (being
     restarted), the same status is read from the daemon's state file instead."""
-    from stigmer.server.client import ApiClient
     from stigmer.server.token import read_token
 
     state = st.read(paths)
     token = read_token(paths)
     if state is None or token is None:
         return None
+    from stigmer.server.client import ApiClient  # http.client: only when there is a server to ask
+
     try:
         data = ApiClient(state.api_url, token, timeout=timeout).get("/v1/status")
     except StigmerError as e:
