@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 
 from stigmer.paths import Paths
 from tests.conftest import run_cli, stigmer_exe
@@ -76,3 +77,23 @@ def test_relative_stigmer_home_is_made_absolute(tmp_path) -> None:
     )
     assert path.stdout.strip() == str(tmp_path / "b" / "rel-home" / "config.yaml")  # absolute
     assert Paths.from_env({"STIGMER_HOME": "rel-home"}).home.is_absolute()
+
+
+def test_status_stays_light(isolated_home: Paths) -> None:
+    # What keeps `stigmer server status` fast: with no server, no HTTP client, YAML parser or
+    # providers; never temporalio (the CLI talks to the daemon over HTTP).
+    code = (
+        "import sys\n"
+        "from stigmer.cli.main import main\n"
+        "try:\n"
+        "    main(['server', 'status'])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "heavy = ('http.client', 'ruamel.yaml', 'temporalio', 'stigmer.llm.provider', 'stigmer.config.store')\n"
+        "print(sorted(m for m in heavy if m in sys.modules), file=sys.stderr)\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=dict(os.environ)
+    )
+    assert r.stderr.strip().splitlines()[-1] == "[]", r.stderr
+    assert "Stopped" in r.stdout
