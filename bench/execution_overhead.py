@@ -496,10 +496,9 @@ def main() -> None:
                 ("wt_dispatch", "  workflow tasks waiting for the worker (scheduled -> started, all)"),
                 (
                     "wt_run",
-                    f"  workflow tasks running on the worker (started -> completed, {med('wt_count') / 1000:.0f} tasks, sandbox)",
+                    f"  workflow tasks running on the worker (started -> completed, {med('wt_count') / 1000:.0f} tasks, sandbox;"
+                    " the first runs the local activity `prepare`: resolve the LLM, POST `started`)",
                 ),
-                ("prepare_dispatch", "  activity `prepare`: scheduled -> started"),
-                ("prepare_run", "  activity `prepare`: run (resolve the LLM, POST `started` to the API)"),
                 ("tools_run", "  activity `get_tools` (pydantic-ai's dynamic toolset): run"),
                 ("before_model", "  workflow started -> model-request activity started (all of the above)"),
                 ("model_dispatch", "  model-request activity: scheduled -> started"),

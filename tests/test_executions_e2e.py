@@ -114,7 +114,20 @@ def test_run_streams_an_answer_and_records_it(isolated_home: Paths, engine: dict
          "--address", os.environ["STIGMER_TEMPORAL_ADDRESS"]],
         capture_output=True, text=True,
     )  # fmt: skip
-    assert "agent__stigmer__model_request" in show.stdout and "stigmer.prepare" in show.stdout
+    # The model request is an activity of its own; `prepare` a local activity, recorded as a marker.
+    history = json.loads(show.stdout)["events"]
+    scheduled = [
+        e["activityTaskScheduledEventAttributes"]["activityType"]["name"]
+        for e in history
+        if "activityTaskScheduledEventAttributes" in e
+    ]
+    markers = [
+        e["markerRecordedEventAttributes"]["markerName"]
+        for e in history
+        if "markerRecordedEventAttributes" in e
+    ]
+    assert scheduled == ["agent__stigmer__model_request_stream"]
+    assert markers.count("core_local_activity") == 1
 
 
 def test_agents_from_files(isolated_home: Paths, engine: dict[str, str], tmp_path: Path) -> None:

@@ -101,7 +101,9 @@ class AgentExecution(PydanticAIWorkflow, Approvals):
 
     @workflow.run
     async def run(self, inp: ExecutionInput) -> ExecutionOutput:
-        target = await workflow.execute_activity(
+        # A local activity: it runs in this worker within the same workflow task, without a round trip
+        # through Temporal's task queue (the LLM is this worker's to choose anyway).
+        target = await workflow.execute_local_activity(
             prepare,
             PrepareInput(execution_id=inp.execution_id, model=inp.model),
             start_to_close_timeout=timedelta(seconds=60),
