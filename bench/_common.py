@@ -468,3 +468,14 @@ def site_pth_imports() -> list[str]:
                 if line.startswith("import ") and "__import__('_distutils_hack')" not in line:
                     found += sorted(set(re.findall(r"\bimport (\w+)", line)) - {"os"}) or [pth.name]
     return found
+
+
+def nosite_argv(args: list[str] | None) -> list[str]:
+    """`stigmer ARGS` run as `python -S` with this interpreter's sys.path set by hand: the command without
+    what site's .pth files import at start-up (see _common.site_pth_imports); None: `python -S -c pass`."""
+    if args is None:
+        return [sys.executable, "-S", "-c", "pass"]
+    here = str(Path(__file__).resolve().parent)
+    paths = [p for p in sys.path if p and Path(p).is_dir() and str(Path(p).resolve()) != here]
+    code = f"import sys; sys.path[:] = {paths!r}; from stigmer.cli.main import main; sys.exit(main({args!r}))"
+    return [sys.executable, "-S", "-c", code]

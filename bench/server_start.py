@@ -46,6 +46,7 @@ from _common import (
     interrupt_on_sigterm,
     machine_line,
     median_ms,
+    nosite_argv,
     p90,
     reap_leftovers,
     server_env,
@@ -328,17 +329,6 @@ def worker_phases(tmp: Path, env: dict[str, str], runs: int = 3) -> None:
     print(
         f"    {statistics.median(p[-1] for p in phases) * 1000:7.0f}  in all, spawn to exit (python start-up included)"
     )
-
-
-def nosite_argv(args: list[str] | None) -> list[str]:
-    """`stigmer ARGS` run as `python -S` with this interpreter's sys.path set by hand: the command without
-    what site's .pth files import at start-up (see _common.site_pth_imports); None: `python -S -c pass`."""
-    if args is None:
-        return [sys.executable, "-S", "-c", "pass"]
-    here = str(Path(__file__).resolve().parent)
-    paths = [p for p in sys.path if p and Path(p).is_dir() and str(Path(p).resolve()) != here]
-    code = f"import sys; sys.path[:] = {paths!r}; from stigmer.cli.main import main; sys.exit(main({args!r}))"
-    return [sys.executable, "-S", "-c", code]
 
 
 def run_python(env: dict[str, str]) -> float:

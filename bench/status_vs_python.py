@@ -29,7 +29,16 @@ import time
 from pathlib import Path
 
 # bench/_common.py: `python bench/NAME.py` puts bench/ first on sys.path
-from _common import CpuWatch, free_port, isolated_env, machine_line, start_engine, stigmer_exe, stop_engine
+from _common import (
+    CpuWatch,
+    free_port,
+    isolated_env,
+    machine_line,
+    nosite_argv,
+    start_engine,
+    stigmer_exe,
+    stop_engine,
+)
 
 from stigmer.config import store
 from stigmer.paths import Paths
@@ -69,9 +78,10 @@ def p90(xs: list[float]) -> float:
     return statistics.quantiles(xs, n=10, method="inclusive")[-1]
 
 
-def compare(label: str, env: dict[str, str], n: int) -> dict[str, float]:
-    status = [*stigmer_exe(), *STATUS]
-    python = [sys.executable, "-c", "pass"]
+def compare(label: str, env: dict[str, str], n: int, *, nosite: bool = False) -> dict[str, float]:
+    """`nosite`: both under `python -S` (sys.path set by hand), without what site's .pth files import."""
+    status = nosite_argv(STATUS) if nosite else [*stigmer_exe(), *STATUS]
+    python = nosite_argv(None) if nosite else [sys.executable, "-c", "pass"]
     for _ in range(2):  # warm-ups: page cache, .pyc files
         run_once(status, env)
         run_once(python, env)
@@ -94,7 +104,7 @@ def compare(label: str, env: dict[str, str], n: int) -> dict[str, float]:
     verdict = "OK" if res["status_median"] < TARGET_MS else "ABOVE TARGET"
     print(
         f"({label}) N={n}: status median {res['status_median']:.1f} ms, p90 {res['status_p90']:.1f} ms | "
-        f"python -c pass median {res['python_median']:.1f} ms, p90 {res['python_p90']:.1f} ms | "
+        f"python{' -S' if nosite else ''} -c pass median {res['python_median']:.1f} ms, p90 {res['python_p90']:.1f} ms | "
         f"difference {diff:.1f} ms | target status < {TARGET_MS:.0f} ms: {verdict}",
         flush=True,
     )
@@ -221,6 +231,9 @@ def main() -> None:
         print(f"stigmer: {' '.join(stigmer_exe())}")
         check_output(env, "Not Running")
         compare("a: nothing running", env, args.n)
+        # This sandbox's site-packages holds a .pth that imports certifi at every start (~30 ms that
+        # users do not pay): the same without site.
+        compare("a', python -S: nothing running", env, args.n, nosite=True)
         breakdown("a", env)
         if os.environ.get("PYTHONDONTWRITEBYTECODE"):
             compare("a, no bytecode cache: PYTHONDONTWRITEBYTECODE=1 as inherited", uncached_env(env), args.n)
@@ -231,6 +244,7 @@ def main() -> None:
             print(f"(stigmer server started the built-in engine in {time.perf_counter() - t:.2f} s)")
             check_output(env, "✓ Running")
             compare("b: built-in engine running", env, args.n)
+            compare("b', python -S: built-in engine running", env, args.n, nosite=True)
             breakdown("b", env)
         importtime(env)
     finally:
