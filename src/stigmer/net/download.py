@@ -144,13 +144,9 @@ def _attempt(
                 return _finish(part, dest, sha256, what, have, url, first_offset, hint)
             part.unlink(missing_ok=True)  # longer than the file: it cannot be right
             raise Transient("the partial download did not match the file on the server") from e
-        if retry.transient_status(e.code):
-            raise Transient(f"server answered HTTP {e.code}") from e
-        raise failures.http_error(e, what=what, url=url, hint=hint) from e
+        raise failures.attempt_failed(e, first=first, what=what, url=url, hint=hint) from e
     except retry.TRANSIENT_ERRORS as e:
-        if first and retry.is_unreachable(e):
-            raise failures.unreachable(e, what=what, url=url, hint=hint) from e
-        raise Transient(http.describe(e)) from e
+        raise failures.attempt_failed(e, first=first, what=what, url=url, hint=hint) from e
     with resp:
         final_url = resp.geturl()
         if resp.status == 206:

@@ -51,6 +51,20 @@ def unreachable(err: BaseException, *, what: str, url: str, hint: str) -> Networ
     )
 
 
+def attempt_failed(err: BaseException, *, first: bool, what: str, url: str, hint: str) -> Exception:
+    """What one failed request means: Transient (worth another try) or the error to report. `err` is an
+    HTTPError or one of retry.TRANSIENT_ERRORS; nothing answering on the first attempt is final."""
+    from stigmer.net import retry
+
+    if isinstance(err, urllib.error.HTTPError):
+        if retry.transient_status(err.code):
+            return Transient(f"server answered HTTP {err.code}")
+        return http_error(err, what=what, url=url, hint=hint)
+    if first and retry.is_unreachable(err):
+        return unreachable(err, what=what, url=url, hint=hint)
+    return Transient(http.describe(err))
+
+
 def gave_up(reason: BaseException, *, what: str, attempts: int, hint: str = "") -> NetworkUnreachable:
     return NetworkUnreachable(
         f"Download of {what} failed after {attempts} attempts: {reason}.",

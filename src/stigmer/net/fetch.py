@@ -60,10 +60,6 @@ def _try(
             return Fetched(resp.read(limit), resp.geturl())
     except urllib.error.HTTPError as e:
         e.close()
-        if retry.transient_status(e.code):
-            raise Transient(f"server answered HTTP {e.code}") from None
-        raise failures.http_error(e, what=what, url=url, hint=hint) from None
+        raise failures.attempt_failed(e, first=first, what=what, url=url, hint=hint) from None
     except retry.TRANSIENT_ERRORS as e:
-        if first and retry.is_unreachable(e):
-            raise failures.unreachable(e, what=what, url=url, hint=hint) from None
-        raise Transient(http.describe(e)) from None
+        raise failures.attempt_failed(e, first=first, what=what, url=url, hint=hint) from None

@@ -313,15 +313,11 @@ class _Job:
             resp = http.request(url, headers=headers, timeout=self.timeout)
         except urllib.error.HTTPError as e:
             e.close()
-            if retry.transient_status(e.code):
-                raise Transient(f"server answered HTTP {e.code}") from None
             if e.code == 416:
                 raise self._wrong_size("a smaller file") from None
-            raise failures.http_error(e, what=self.what, url=url, hint=self.hint) from None
+            raise failures.attempt_failed(e, first=first, what=self.what, url=url, hint=self.hint) from None
         except retry.TRANSIENT_ERRORS as e:
-            if first and retry.is_unreachable(e):
-                raise failures.unreachable(e, what=self.what, url=url, hint=self.hint) from None
-            raise Transient(http.describe(e)) from None
+            raise failures.attempt_failed(e, first=first, what=self.what, url=url, hint=self.hint) from None
         if resp.status == 206:
             content_range = parse_content_range(resp.headers.get("Content-Range"))
             if content_range is not None and content_range.total not in (None, self.size):
