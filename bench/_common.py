@@ -415,6 +415,23 @@ def reap_leftovers(tmp: Path) -> list[str]:
     return names
 
 
+def clean_up(tmp: Path, env: dict[str, str] | None, watch: CpuWatch) -> None:
+    """The end of a server benchmark: stop the server, kill and report what it left behind, remove tmp,
+    print how busy the rest of the machine was."""
+    left: list[str] = []
+    try:
+        if env is not None:
+            stop_server(env, watch)
+    finally:
+        left = reap_leftovers(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+    if left:
+        print("WARNING: processes still running after `stigmer server stop` (killed now):")
+        for line in left:
+            print(f"  {line}")
+    print(watch.report())
+
+
 def wait_http_200(url: str, proc: subprocess.Popen[bytes], deadline: float, interval: float = 0.01) -> None:
     """Poll `url` every `interval` s until it answers 200 (as the product's readiness probes do)."""
     import http.client

@@ -39,11 +39,11 @@ from typing import Any
 # bench/_common.py: `python bench/NAME.py` puts bench/ first on sys.path
 from _common import (
     CpuWatch,
+    clean_up,
     interrupt_on_sigterm,
     machine_line,
     median_ms,
     p90,
-    reap_leftovers,
     server_env,
     server_pids,
     start_server,
@@ -370,7 +370,6 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="stigmer-bench-exec-"))
     watch = CpuWatch()
     env: dict[str, str] | None = None
-    left: list[str] = []
     try:
         # (c) cold starts; the last server stays up for (a) and (b)
         colds: list[float] = []
@@ -604,15 +603,7 @@ def main() -> None:
             f"client; cold start {cold_ms:.0f} ms"
         )
     finally:
-        if env is not None:
-            stop_server(env, watch)
-        left = reap_leftovers(tmp)
-        shutil.rmtree(tmp, ignore_errors=True)
-    if left:
-        print("WARNING: processes still running after `stigmer server stop` (killed now):")
-        for line in left:
-            print(f"  {line}")
-    print(watch.report())
+        clean_up(tmp, env, watch)
 
 
 if __name__ == "__main__":

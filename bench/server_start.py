@@ -42,13 +42,13 @@ from typing import Any
 # bench/_common.py: `python bench/NAME.py` puts bench/ first on sys.path
 from _common import (
     CpuWatch,
+    clean_up,
     free_ports,
     interrupt_on_sigterm,
     machine_line,
     median_ms,
     nosite_argv,
     p90,
-    reap_leftovers,
     server_env,
     server_pids,
     site_pth_imports,
@@ -584,7 +584,6 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="stigmer-bench-server-"))
     watch = CpuWatch()
     env = server_env(tmp, tmp / "home-main", ctx=CTX)
-    left: list[str] = []
     try:
         # The server used by (b), (c) and (d); its start is also the untimed first start (caches).
         secs, _ = start_server(env)
@@ -651,14 +650,7 @@ def main() -> None:
             f"{stopped:.0f} ms"
         )
     finally:
-        stop_server(env, watch)
-        left = reap_leftovers(tmp)
-        shutil.rmtree(tmp, ignore_errors=True)
-    if left:
-        print("WARNING: processes still running after `stigmer server stop` (killed now):")
-        for line in left:
-            print(f"  {line}")
-    print(watch.report())
+        clean_up(tmp, env, watch)
 
 
 if __name__ == "__main__":
