@@ -496,3 +496,46 @@ def nosite_argv(args: list[str] | None) -> list[str]:
     paths = [p for p in sys.path if p and Path(p).is_dir() and str(Path(p).resolve()) != here]
     code = f"import sys; sys.path[:] = {paths!r}; from stigmer.cli.main import main; sys.exit(main({args!r}))"
     return [sys.executable, "-S", "-c", code]
+
+
+def raw_chat_stream(
+    host: str, port: int, body: dict[str, object], *, key: str | None = None
+) -> tuple[int, float, float, float | None]:
+    """A streamed chat completion with bare http.client, the baseline client of the token benchmarks:
+    (content deltas, seconds to the last one, seconds to the first one, the engine's own tok/s)."""
+    import http.client
+    import json
+
+    headers = {"Content-Type": "application/json"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    n = 0
+    first: float | None = None
+    engine_tps: float | None = None
+    conn = http.client.HTTPConnection(host, port, timeout=300)
+    try:
+        t0 = time.perf_counter()
+        last = t0
+        conn.request("POST", "/v1/chat/completions", body=json.dumps(body), headers=headers)
+        resp = conn.getresponse()
+        if resp.status != 200:
+            raise SystemExit(f"{host}:{port} answered HTTP {resp.status}: {resp.read()[:200]!r}")
+        for raw in resp:
+            line = raw.strip()
+            if not line.startswith(b"data:"):
+                continue
+            payload = line[5:].strip()
+            if payload == b"[DONE]":
+                break
+            chunk = json.loads(payload)
+            for choice in chunk.get("choices") or []:
+                if (choice.get("delta") or {}).get("content"):
+                    n += 1
+                    last = time.perf_counter()
+                    first = last if first is None else first
+            timings = chunk.get("timings")
+            if isinstance(timings, dict) and "predicted_per_second" in timings:
+                engine_tps = float(timings["predicted_per_second"])
+    finally:
+        conn.close()
+    return n, last - t0, (first or last) - t0, engine_tps

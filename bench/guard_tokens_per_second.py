@@ -35,12 +35,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import psutil
 
 # bench/_common.py: `python bench/NAME.py` puts bench/ first on sys.path
-from _common import CpuWatch, free_port, machine_line, stop_process
+from _common import CpuWatch, free_port, machine_line, raw_chat_stream, stop_process
 
 from stigmer.llm.models.starter import STARTER_MODEL, starter_model_path
 
@@ -78,49 +77,15 @@ def serve(port: int) -> None:
 def stream(base: str, tokens: int, key: str | None) -> tuple[int, float, float, float | None]:
     """(tokens, seconds to the last token, seconds to the first token, engine's own tok/s)."""
     host, port = base.removeprefix("http://").rsplit(":", 1)
-    body = json.dumps(
-        {
-            "model": STARTER_MODEL,
-            "messages": MESSAGES,
-            "stream": True,
-            "max_tokens": tokens,
-            "ignore_eos": True,
-            "temperature": 0,
-        }
-    )
-    headers = {"Content-Type": "application/json"}
-    if key:
-        headers["Authorization"] = f"Bearer {key}"
-    n = 0
-    first: float | None = None
-    engine_tps: float | None = None
-    conn = http.client.HTTPConnection(host, int(port), timeout=300)
-    try:
-        t0 = time.perf_counter()
-        last = t0
-        conn.request("POST", "/v1/chat/completions", body=body, headers=headers)
-        resp = conn.getresponse()
-        if resp.status != 200:
-            raise SystemExit(f"{base} answered HTTP {resp.status}: {resp.read()[:200]!r}")
-        for raw in resp:
-            line = raw.strip()
-            if not line.startswith(b"data:"):
-                continue
-            payload = line[5:].strip()
-            if payload == b"[DONE]":
-                break
-            chunk: dict[str, Any] = json.loads(payload)
-            for choice in chunk.get("choices") or []:
-                if (choice.get("delta") or {}).get("content"):
-                    n += 1
-                    last = time.perf_counter()
-                    first = last if first is None else first
-            timings = chunk.get("timings")
-            if isinstance(timings, dict) and "predicted_per_second" in timings:
-                engine_tps = float(timings["predicted_per_second"])
-    finally:
-        conn.close()
-    return n, last - t0, (first or last) - t0, engine_tps
+    body = {
+        "model": STARTER_MODEL,
+        "messages": MESSAGES,
+        "stream": True,
+        "max_tokens": tokens,
+        "ignore_eos": True,
+        "temperature": 0,
+    }
+    return raw_chat_stream(host, int(port), body, key=key)
 
 
 class OtherLoad:

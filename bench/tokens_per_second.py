@@ -17,8 +17,6 @@ end with `stigmer server stop`.
 from __future__ import annotations
 
 import argparse
-import http.client
-import json
 import shutil
 import statistics
 import tempfile
@@ -27,7 +25,15 @@ from pathlib import Path
 from typing import Any
 
 # bench/_common.py: `python bench/NAME.py` puts bench/ first on sys.path
-from _common import CpuWatch, free_port, isolated_env, machine_line, start_engine, stop_engine
+from _common import (
+    CpuWatch,
+    free_port,
+    isolated_env,
+    machine_line,
+    raw_chat_stream,
+    start_engine,
+    stop_engine,
+)
 
 from stigmer.llm.endpoint import OpenAICompatible
 from stigmer.llm.models.starter import STARTER_MODEL
@@ -53,35 +59,9 @@ def via_product(base_url: str, tokens: int) -> tuple[int, float]:
 
 def via_raw(port: int, tokens: int) -> tuple[int, float, float | None]:
     """(tokens, seconds from the request to the last token, engine's own tok/s) with bare http.client."""
-    body = json.dumps({"model": STARTER_MODEL, "messages": MESSAGES, "stream": True, **options(tokens)})
-    n = 0
-    engine_tps: float | None = None
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
-    try:
-        t0 = time.perf_counter()
-        last = t0
-        conn.request("POST", "/v1/chat/completions", body=body, headers={"Content-Type": "application/json"})
-        resp = conn.getresponse()
-        if resp.status != 200:
-            raise SystemExit(f"engine answered HTTP {resp.status}: {resp.read()[:200]!r}")
-        for raw in resp:
-            line = raw.strip()
-            if not line.startswith(b"data:"):
-                continue
-            payload = line[5:].strip()
-            if payload == b"[DONE]":
-                break
-            chunk = json.loads(payload)
-            for choice in chunk.get("choices") or []:
-                if (choice.get("delta") or {}).get("content"):
-                    n += 1
-                    last = time.perf_counter()
-            timings = chunk.get("timings")
-            if isinstance(timings, dict) and "predicted_per_second" in timings:
-                engine_tps = float(timings["predicted_per_second"])
-    finally:
-        conn.close()
-    return n, last - t0, engine_tps
+    body = {"model": STARTER_MODEL, "messages": MESSAGES, "stream": True, **options(tokens)}
+    n, total, _first, engine_tps = raw_chat_stream("127.0.0.1", port, body)
+    return n, total, engine_tps
 
 
 def main() -> None:
