@@ -490,6 +490,24 @@ def _chat(max_tokens: int, **extra: Any) -> bytes:
     return json.dumps(body).encode()
 
 
+def _streaming(port: int) -> http.client.HTTPConnection:
+    """A long streamed completion, read until its first three events: tokens are flowing."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn.request(
+        "POST",
+        "/v1/chat/completions",
+        body=_chat(900, stream=True, ignore_eos=True),
+        headers={"Content-Type": "application/json"},
+    )
+    resp = conn.getresponse()
+    events = 0
+    for raw in resp:
+        events += raw.startswith(b"data:")
+        if events >= 3:
+            break
+    return conn
+
+
 def _metrics(port: int) -> dict[str, float]:
     """llama.cpp's counters (/metrics), read through the guard like any local client."""
     status, _h, body = _request(port, "GET", "/metrics")
@@ -723,19 +741,7 @@ def test_internal_port_needs_the_key(engine: Engine) -> None:
 
 
 def test_a_client_that_goes_away_stops_the_generation(engine: Engine) -> None:
-    conn = http.client.HTTPConnection("127.0.0.1", engine.port, timeout=60)
-    conn.request(
-        "POST",
-        "/v1/chat/completions",
-        body=_chat(900, stream=True, ignore_eos=True),
-        headers={"Content-Type": "application/json"},
-    )
-    resp = conn.getresponse()
-    events = 0
-    for raw in resp:
-        events += raw.startswith(b"data:")
-        if events >= 3:
-            break
+    conn = _streaming(engine.port)
     assert _metrics(engine.port)["llamacpp:requests_processing"] == 1
     conn.close()  # mid-stream, as a closed browser tab or a killed script does
     deadline = time.monotonic() + 5
@@ -810,19 +816,7 @@ def test_signal_during_a_streamed_request_exits_quickly(tmp_path: Path, sig: sig
     eng = _spawn(tmp_path)
     try:
         wait_ready(eng)
-        conn = http.client.HTTPConnection("127.0.0.1", eng.port, timeout=60)
-        conn.request(
-            "POST",
-            "/v1/chat/completions",
-            body=_chat(900, stream=True, ignore_eos=True),
-            headers={"Content-Type": "application/json"},
-        )
-        resp = conn.getresponse()
-        events = 0
-        for raw in resp:
-            events += raw.startswith(b"data:")
-            if events >= 3:
-                break  # tokens are flowing through the guard
+        conn = _streaming(eng.port)  # tokens are flowing through the guard
         started = time.monotonic()
         eng.proc.send_signal(sig)
         code = eng.proc.wait(timeout=10)
