@@ -97,3 +97,46 @@ def test_status_stays_light(isolated_home: Paths) -> None:
     )
     assert r.stderr.strip().splitlines()[-1] == "[]", r.stderr
     assert "Stopped" in r.stdout
+
+
+LLM_STATUS_HEAVY = (
+    "http.client", "urllib.request", "ruamel.yaml", "temporalio", "psutil", "socket", "encodings.idna",
+    "stigmer.config.store", "stigmer.config.schema", "stigmer.llm.provider", "stigmer.net.http",
+    "stigmer.llm.ollama.provider", "stigmer.llm.llamacpp.provider", "stigmer.services.manager",
+    "stigmer.server.control", "stigmer.server.client", "subprocess",
+)  # fmt: skip
+
+
+def _llm_status_modules(env: dict[str, str]) -> tuple[list[str], str]:
+    code = (
+        "import sys\n"
+        "from stigmer.cli.main import main\n"
+        "main(['server', 'llm', 'status'])\n"
+        f"print(sorted(m for m in {LLM_STATUS_HEAVY!r} if m in sys.modules), file=sys.stderr)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
+    return eval(r.stderr.strip().splitlines()[-1]), r.stdout  # a list literal printed just above
+
+
+def test_llm_status_stays_light(isolated_home: Paths) -> None:
+    # `stigmer server llm status` with nothing running (its 100 ms budget, issue 14): no settings
+    # schema, YAML parser, provider, HTTP client or psutil; a few files and one refused connect.
+    from tests.doubles.archives import free_port
+
+    env = {**os.environ, "STIGMER_LLM_BASE_URL": f"http://127.0.0.1:{free_port()}"}
+    isolated_home.ensure_home()  # as after a first start (before it, a status writes nothing)
+    heavy, out = _llm_status_modules(env)  # the runtime, no machine choice yet: the provider chooses it
+    assert "stigmer.llm.ollama.provider" in heavy and "Model:    qwen2.5-coder:" in out
+    assert (isolated_home.data_dir / "default-model.json").exists()
+    heavy, out = _llm_status_modules(env)  # the choice is remembered: read from its file
+    assert heavy == [] and "Chosen for this machine" in out and "tokens/s here" in out
+    # a server ran and stopped: its state and token stay, its pid records are gone
+    isolated_home.ensure(isolated_home.run_dir)
+    (isolated_home.run_dir / "state.json").write_text('{"phase": "stopped"}')
+    (isolated_home.home / "api.token").write_text("token")
+    assert _llm_status_modules(env)[0] == []
+
+    run_cli("config", "set", "llm.provider", "llamacpp")  # a config file, the built-in engine
+    run_cli("config", "set", "llm.base_url", env["STIGMER_LLM_BASE_URL"])
+    heavy, out = _llm_status_modules({k: v for k, v in env.items() if k != "STIGMER_LLM_BASE_URL"})
+    assert heavy == [] and "Local (built-in engine)" in out and "Not Running" in out

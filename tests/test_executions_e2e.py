@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -290,22 +291,43 @@ def test_twenty_at_once_and_a_restart_mid_way(
         assert rec["state"] == "COMPLETED", rec
 
 
-def test_two_workers_share_the_queue(isolated_home: Paths, engine: dict[str, str], tmp_path: Path) -> None:
-    _apply(tmp_path, SHORT)
-    token = (isolated_home.home / "api.token").read_text().strip()
-    # a second machine's worker: its own home, the shared Temporal, the server's API by URL and token
-    other = {
-        **os.environ,
+def _pollers(isolated_home: Paths) -> set[str]:
+    """The identities polling the runner's task queue, as Temporal sees them."""
+    from stigmer.executions.contract import TASK_QUEUE
+    from stigmer.server.specs import temporal_binary
+
+    r = subprocess.run(
+        [temporal_binary(isolated_home), "task-queue", "describe", "--task-queue", TASK_QUEUE, "--output",
+         "json", "--address", os.environ["STIGMER_TEMPORAL_ADDRESS"]],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    return set(re.findall(r'"identity":\s*"([^"]+)"', r.stdout))
+
+
+def _other_machine(isolated_home: Paths, tmp_path: Path, **overrides: str) -> dict[str, str]:
+    """A second machine's worker: its own home, the shared Temporal, the server's API by URL, with the
+    server's worker token and payload key (never the admin API token)."""
+    return {
+        **{k: v for k, v in os.environ.items() if k != "STIGMER_API_TOKEN"},
         "STIGMER_HOME": str(tmp_path / "machine-2"),
         "STIGMER_TEMPORAL_MANAGED": "false",
         "STIGMER_API_URL": f"http://127.0.0.1:{os.environ['STIGMER_SERVER_PORT']}",
-        "STIGMER_API_TOKEN": token,
+        "STIGMER_WORKER_TOKEN": (isolated_home.home / "worker.token").read_text().strip(),
+        "STIGMER_PAYLOAD_KEY": (isolated_home.home / "payload.key").read_text().strip(),
+        "STIGMER_RUNNER_API_PATIENCE": "3",
+        **overrides,
     }
+
+
+def test_two_workers_share_the_queue(isolated_home: Paths, engine: dict[str, str], tmp_path: Path) -> None:
+    _apply(tmp_path, SHORT)
+    before = _wait(lambda: _pollers(isolated_home), 30)
     second = subprocess.Popen(
-        [*stigmer_exe(), "worker"], env=other, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
+        [*stigmer_exe(), "worker"], env=_other_machine(isolated_home, tmp_path), stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )  # fmt: skip
     try:
-        time.sleep(3)
+        _wait(lambda: len(_pollers(isolated_home) - before) >= 1, 60)  # the second worker polls
         ids = [run_cli("run", "short", "--detach", "-m", f"task {i}").stdout.strip() for i in range(12)]
         records = [_wait(lambda i=i: _finished(i), 180) for i in ids]
         assert all(r["state"] == "COMPLETED" for r in records)
@@ -314,6 +336,27 @@ def test_two_workers_share_the_queue(isolated_home: Paths, engine: dict[str, str
     finally:
         second.send_signal(signal.SIGTERM)
         second.wait(30)
+
+
+def test_a_misconfigured_worker_refuses_to_start(
+    isolated_home: Paths, engine: dict[str, str], tmp_path: Path
+) -> None:
+    """A wrong token, a wrong key or a wrong address: the worker says which and exits, taking no work."""
+    cases = [
+        ({"STIGMER_WORKER_TOKEN": "not-the-token"}, "refused this worker's token", 11),
+        ({"STIGMER_PAYLOAD_KEY": "A" * 43 + "="}, "payload key is not the one", 3),
+        ({"STIGMER_API_URL": f"http://127.0.0.1:{free_port()}"}, "cannot be reached", 8),
+        ({"STIGMER_WORKER_TOKEN": "", "STIGMER_API_TOKEN": (isolated_home.home / "api.token").read_text()},
+         "refused this worker's token", 11),  # the admin token is not a worker's
+    ]  # fmt: skip
+    for overrides, said, code in cases:
+        r = subprocess.run(
+            [*stigmer_exe(), "worker"], env=_other_machine(isolated_home, tmp_path, **overrides),
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert r.returncode == code, (overrides, r.stderr[-800:])
+        assert said in r.stderr, r.stderr[-800:]
+        assert "Traceback" not in r.stderr
 
 
 def test_slow_model_keeps_heartbeating(isolated_home: Paths, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -37,7 +37,9 @@ def test_unreachable_release_server_falls_back_to_builtin_engine(isolated_home: 
     assert "⚠ Offline fallback" in out
     assert "connection refused" in out  # what failed
     assert "smollm2:135m (98.4 MB)" in out  # what is served instead, and how small
-    assert "qwen2.5-coder:7b" in out  # the configured one, and how to get it
+    # the configured one (llm.model not set: the model chosen for this machine), and how to get it
+    chosen = json.loads((isolated_home.data_dir / "default-model.json").read_text())["model"]
+    assert f"the configured {chosen}" in out and f"stigmer server llm pull {chosen}" in out
     assert "✓ Ready!" in out and "Local (built-in engine) ✓ Running" in out
     rec = records.read(isolated_home.pid_file("llm"))
     assert rec is not None and rec.info["provider"] == "llamacpp" and rec.info["fallback"]
@@ -45,7 +47,7 @@ def test_unreachable_release_server_falls_back_to_builtin_engine(isolated_home: 
     st = run_cli("server", "llm", "status", env=env)
     assert "Offline fallback" in st.stdout and "✓ Running" in st.stdout
     data = json.loads(run_cli("server", "llm", "status", "--json", env=env).stdout)
-    assert data["fallback"]["configured_model"] == "qwen2.5-coder:7b" and data["running"]
+    assert data["fallback"]["configured_model"] == chosen and data["running"]
 
     # the network comes back: the real runtime replaces the fallback, which is stopped (no orphan)
     root = isolated_home.home.parent / "rel"

@@ -20,6 +20,7 @@ from stigmer.hw.fit import (
     estimate,
     fit,
     kv_cache_bytes,
+    memory_tier,
     requirements_warning,
 )
 from stigmer.hw.report import CpuInfo, GpuInfo, HardwareReport
@@ -239,31 +240,32 @@ def test_a_model_without_a_trained_context_gets_4096() -> None:
     assert choose_context(facts, 64 * GIB) == (4096, "")
 
 
-# -- default model -------------------------------------------------------------------------------------
+# -- default model: memory is the upper bound (the speed that decides below it: test_default_model.py) ----
 @pytest.mark.parametrize(
-    "ram,vram,model",
+    "ram,vram,size",
     [
-        (4 * GIB, 0, "qwen2.5-coder:1.5b"),
-        (int(5.8 * GIB), 0, "qwen2.5-coder:3b"),  # a "6 GB" machine
-        (int(7.7 * GIB), 0, "qwen2.5-coder:7b"),  # an "8 GB" laptop reports ~7.7 GiB
-        (int(15.5 * GIB), 0, "qwen2.5-coder:14b"),  # a "16 GB" one
-        (64 * GIB, 0, "qwen2.5-coder:14b"),
-        (4 * GIB, 8 * GIB, "qwen2.5-coder:7b"),  # an 8 GB GPU lifts a small machine
-        (int(7.7 * GIB), 12 * GIB, "qwen2.5-coder:14b"),
-        (16 * GIB, 24564 * MIB, "qwen2.5-coder:32b"),  # an RTX 4090
-        (32 * GIB, 4 * GIB, "qwen2.5-coder:14b"),  # a small GPU never lowers the RAM tier
+        (4 * GIB, 0, "1.5b"),
+        (int(5.8 * GIB), 0, "3b"),  # a "6 GB" machine
+        (int(7.7 * GIB), 0, "7b"),  # an "8 GB" laptop reports ~7.7 GiB
+        (int(15.5 * GIB), 0, "14b"),  # a "16 GB" one
+        (64 * GIB, 0, "14b"),
+        (4 * GIB, 8 * GIB, "7b"),  # an 8 GB GPU lifts a small machine
+        (int(7.7 * GIB), 12 * GIB, "14b"),
+        (16 * GIB, 24564 * MIB, "32b"),  # an RTX 4090
+        (32 * GIB, 4 * GIB, "14b"),  # a small GPU never lowers the RAM tier
     ],
 )
-def test_default_model_tiers(ram: int, vram: int, model: str) -> None:
-    assert default_model(ram, vram)[0] == model
+def test_memory_tiers(ram: int, vram: int, size: str) -> None:
+    assert memory_tier(ram, vram) == size
 
 
-def test_default_model_says_why() -> None:
-    assert default_model(16 * GIB) == (
-        "qwen2.5-coder:14b",
-        "17.2 GB of RAM: qwen2.5-coder:14b (9.0 GB) runs well and leaves room for the system and the agents",
+def test_default_model_never_exceeds_the_memory_tier() -> None:
+    # 64 cores would run a 32b fast enough on the CPU, but 16 GB of RAM allows the 14b at most.
+    fast = HardwareReport(
+        16 * GIB, 16 * GIB, CpuInfo(64, 128, "x86_64", frozenset({"avx512f"})), 1 << 40, Path("/m"), [], []
     )
-    assert default_model(8 * GIB, 24 * GIB)[1].startswith("a GPU with 25.8 GB of memory: qwen2.5-coder:32b")
+    choice = default_model(fast, usable=1.0)
+    assert choice.model == "qwen2.5-coder:14b"
 
 
 def test_requirements_warning_below_6_gb() -> None:

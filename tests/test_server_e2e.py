@@ -115,7 +115,7 @@ def test_start_status_restart_logs_stop(isolated_home: Paths, engine_env: dict[s
         assert line in out, line
     assert f"Port:   {engine_env['STIGMER_SERVER_PORT']}" in out
     assert "Provider: Local (built-in engine) ✓ Running" in out
-    assert f"Temporal:  http://localhost:{engine_env['STIGMER_TEMPORAL_UI_PORT']}" in out
+    assert f"Temporal:  http://127.0.0.1:{engine_env['STIGMER_TEMPORAL_UI_PORT']}" in out
 
     status = _status(engine_env)
     assert status["running"] and status["phase"] == "ready"
@@ -125,6 +125,9 @@ def test_start_status_restart_logs_stop(isolated_home: Paths, engine_env: dict[s
     text = run_cli("server", "status", env=engine_env).stdout
     for name in ("llm", "temporal", "agent-runner", "server"):
         assert f"{name}" in text and f"PID {status['services'][name]['pid']}" in text
+    llm_address = engine_env["STIGMER_LLM_BASE_URL"].removeprefix("http://")
+    assert status["services"]["llm"]["address"] == llm_address  # every row says where it listens
+    assert f"PID {status['services']['llm']['pid']}   {llm_address}" in text
 
     # the real Temporal CLI sees the namespace, and the worker polling our task queue
     temporal = temporal_binary(isolated_home)
@@ -194,6 +197,18 @@ def test_killed_daemon_is_replaced_and_services_adopted(
     _wait(lambda: _gone(before["pid"]))
     left = [s["pid"] for s in before["services"].values() if s.get("pid")]
     assert all(psutil.pid_exists(p) for p in left)  # the services outlive their supervisor
+    # and status says so: they run, nothing supervises them, the next `stigmer server` adopts them
+    orphaned = _status(remote_env)
+    assert not orphaned["running"] and orphaned["unsupervised"] and orphaned["phase"] == "unsupervised"
+    assert {n: s["pid"] for n, s in orphaned["services"].items()} == {
+        n: s["pid"] for n, s in before["services"].items() if s.get("pid")
+    }
+    assert all(s["state"] == "running" for s in orphaned["services"].values())
+    text = run_cli("server", "status", env=remote_env).stdout
+    assert "Status: ⚠ Services running, not supervised (the daemon is not running)" in text, text
+    assert "Stopped" not in text and "The next `stigmer server` adopts them" in text
+    for svc in orphaned["services"].values():
+        assert f"PID {svc['pid']}" in text
     r = run_cli("server", env=remote_env, timeout=120)
     assert r.returncode == 0, r.stderr
     after = _status(remote_env)

@@ -248,11 +248,14 @@ def test_running_logs_are_rotated(isolated_home: Paths) -> None:
 
 
 # -- start at login ---------------------------------------------------------------------------------------
-def test_systemd_unit(isolated_home: Paths, tmp_path: Path) -> None:
+def test_systemd_unit(isolated_home: Paths, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("XDG_CONFIG_HOME", raising=False)
     auto, content = autostart.plan(isolated_home, platform="linux", user_home=tmp_path)
     text = content.decode()
-    assert (
-        auto.path == tmp_path / ".config/systemd/user/stigmer.service" or auto.path.name == "stigmer.service"
+    assert auto.path == tmp_path / ".config/systemd/user/stigmer.service"
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))  # where systemd looks then
+    assert autostart.plan(isolated_home, platform="linux", user_home=tmp_path)[0].path == (
+        tmp_path / "xdg/systemd/user/stigmer.service"
     )
     assert f"ExecStart={sys.executable} -m stigmer server run" in text
     assert f'Environment="STIGMER_HOME={isolated_home.home}"' in text
@@ -290,3 +293,37 @@ def test_enable_and_disable_write_and_remove_the_unit(
     assert autostart.disable(isolated_home, runner=runner, platform="linux") is None
     with pytest.raises(Exception, match="not supported"):
         autostart.plan(isolated_home, platform="win32")
+
+
+def test_a_port_taken_between_choice_and_bind_is_a_race_tried_again(isolated_home: Paths, sup) -> None:  # type: ignore[no-untyped-def]
+    """Temporal's ports are chosen free when its spec is built; another program may take one before the
+    dev server binds it. That start is tried again with new ports; any other failure is final."""
+    builds: list[int] = []
+    fails = "import sys; print('listen tcp 127.0.0.1:6665: bind: address already in use'); sys.exit(1)"
+
+    def member(first_fails_with: str, name: str) -> Managed:
+        def build() -> ServiceSpec:
+            builds.append(1)
+            code = first_fails_with if len(builds) == 1 else SLEEPER
+            return ServiceSpec(
+                name=name, argv=[sys.executable, "-c", code], env=child_env(PYTHON),
+                ready=lambda: "up" in _log(isolated_home, name), ready_timeout=5, stop_timeout=5,
+            )  # fmt: skip
+
+        return Managed(name, build=build, probe=lambda: True)
+
+    s = sup(member(fails, "raced"))
+    s.start_all()
+    assert len(builds) == 2 and s.state.services["raced"].state == st.RUNNING
+    builds.clear()
+    other = "import sys; print('no such database'); sys.exit(1)"
+    with pytest.raises(StartFailed):
+        sup(member(other, "broken")).start_all()
+    assert len(builds) == 1
+
+
+def _log(paths: Paths, name: str) -> str:
+    try:
+        return paths.log_file(name).read_text()
+    except OSError:
+        return ""

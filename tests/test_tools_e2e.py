@@ -9,10 +9,8 @@ import json
 import os
 import signal
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import psutil
 import pytest
@@ -20,36 +18,11 @@ import pytest
 from stigmer.paths import Paths
 from tests.conftest import run_cli
 from tests.doubles.fake_llm_apis import FakeOpenAI
+from tests.executions import in_state, record, tool_call, wait_until
 
 pytestmark = pytest.mark.usefixtures("stop_server")
 
 MCP_SERVER = Path(__file__).parent / "doubles" / "mcp_notes_server.py"
-
-
-def _wait(cond: Callable[[], Any], timeout: float = 90, every: float = 0.2) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError("condition not met in time")
-
-
-def _record(exec_id: str) -> dict[str, Any]:
-    r = run_cli("execution", "get", exec_id, "--json")
-    assert r.returncode == 0, r.stderr
-    data: dict[str, Any] = json.loads(r.stdout)
-    return data
-
-
-def _state(exec_id: str, *states: str) -> dict[str, Any] | None:
-    rec = _record(exec_id)
-    return rec if rec["state"] in states else None
-
-
-def _call(name: str, **args: Any) -> dict[str, Any]:
-    return {"tool_calls": [{"name": name, "arguments": args}]}
 
 
 def _tool_messages(api: FakeOpenAI) -> list[str]:
@@ -84,10 +57,10 @@ def test_workspace_tools_are_called_shown_and_confined(
 ) -> None:
     _apply(tmp_path, "name: scribe\ninstructions: You keep notes.\ntools:\n  - workspace\n")
     api.script += [
-        _call("write_file", path="notes/today.txt", content="buy milk"),
-        _call("read_file", path="notes/today.txt"),
-        _call("write_file", path="../outside.txt", content="nope"),
-        _call("read_file", path="/etc/passwd"),
+        tool_call("write_file", path="notes/today.txt", content="buy milk"),
+        tool_call("read_file", path="notes/today.txt"),
+        tool_call("write_file", path="../outside.txt", content="nope"),
+        tool_call("read_file", path="/etc/passwd"),
         {"content": "All done."},
     ]
     r = run_cli("run", "scribe", "-m", "Take a note", timeout=240)
@@ -101,7 +74,7 @@ def test_workspace_tools_are_called_shown_and_confined(
     told = _tool_messages(api)
     assert "buy milk" in told[1]  # the file's content came back to the model
     assert "escapes the workspace" in told[2] and "escapes the workspace" in told[3]
-    rec = _record(json.loads(run_cli("execution", "list", "--json").stdout)[0]["id"])
+    rec = record(json.loads(run_cli("execution", "list", "--json").stdout)[0]["id"])
     assert rec["tool_calls"] == 4 and [m["role"] for m in rec["messages"]].count("tool") == 4
 
 
@@ -111,18 +84,18 @@ def test_shell_needs_approval_and_keeps_secrets(
     monkeypatch.setenv("STIGMER_LLM_API_KEY", "sk-tools")  # the worker needs it; the tool must not see it
     monkeypatch.setenv("STIGMER_CLOUD_TOKEN", "cloud-secret")
     _apply(tmp_path, "name: ops\ninstructions: You run commands.\ntools:\n  - shell\n")  # approval by default
-    api.script += [_call("run_command", argv=["env"]), {"content": "Looked at the environment."}]
+    api.script += [tool_call("run_command", argv=["env"]), {"content": "Looked at the environment."}]
     exec_id = run_cli("run", "ops", "--detach", "-m", "Show the environment").stdout.strip()
-    rec = _wait(lambda: _state(exec_id, "WAITING_APPROVAL"))
+    rec = wait_until(lambda: in_state(exec_id, "WAITING_APPROVAL"))
     assert rec["approvals"][0]["tool"] == "run_command" and rec["approvals"][0]["args"] == {"argv": ["env"]}
     logs = run_cli("execution", "get", exec_id).stdout
     assert "waiting for approval: run_command" in logs
     # the server restarts while the execution waits: nothing is lost
     assert run_cli("server", "restart", timeout=240).returncode == 0
-    assert _record(exec_id)["state"] == "WAITING_APPROVAL"
+    assert record(exec_id)["state"] == "WAITING_APPROVAL"
     ok = run_cli("execution", "approve", exec_id)
     assert ok.returncode == 0 and "Approved: run_command" in ok.stdout
-    done = _wait(lambda: _state(exec_id, "COMPLETED", "FAILED"), 120)
+    done = wait_until(lambda: in_state(exec_id, "COMPLETED", "FAILED"), 120)
     assert done["state"] == "COMPLETED"
     env_output = _tool_messages(api)[0]
     assert "PATH=" in env_output
@@ -134,22 +107,22 @@ def test_deny_is_told_to_the_agent_and_always_sticks(
     isolated_home: Paths, api: FakeOpenAI, tmp_path: Path
 ) -> None:
     _apply(tmp_path, "name: ops\ninstructions: You run commands.\ntools:\n  - shell: {approval: required}\n")
-    api.script += [_call("run_command", argv=["rm", "-rf", "x"]), {"content": "Fine, I did not."}]
+    api.script += [tool_call("run_command", argv=["rm", "-rf", "x"]), {"content": "Fine, I did not."}]
     exec_id = run_cli("run", "ops", "--detach", "-m", "Delete x").stdout.strip()
-    _wait(lambda: _state(exec_id, "WAITING_APPROVAL"))
+    wait_until(lambda: in_state(exec_id, "WAITING_APPROVAL"))
     assert run_cli("execution", "deny", exec_id).returncode == 0
-    assert _wait(lambda: _state(exec_id, "COMPLETED"))["state"] == "COMPLETED"
+    assert wait_until(lambda: in_state(exec_id, "COMPLETED"))["state"] == "COMPLETED"
     assert "denied" in _tool_messages(api)[0]
     api.requests.clear()
     api.script += [
-        _call("run_command", argv=["echo", "one"]),
-        _call("run_command", argv=["echo", "two"]),
+        tool_call("run_command", argv=["echo", "one"]),
+        tool_call("run_command", argv=["echo", "two"]),
         {"content": "Both ran."},
     ]
     exec_id = run_cli("run", "ops", "--detach", "-m", "Echo twice").stdout.strip()
-    _wait(lambda: _state(exec_id, "WAITING_APPROVAL"))
+    wait_until(lambda: in_state(exec_id, "WAITING_APPROVAL"))
     assert run_cli("execution", "approve", exec_id, "--always").returncode == 0
-    rec = _wait(lambda: _state(exec_id, "COMPLETED"), 120)
+    rec = wait_until(lambda: in_state(exec_id, "COMPLETED"), 120)
     told = _tool_messages(api)
     assert "one" in told[0] and "two" in told[1]  # the second call needed no second answer
     events = run_cli("execution", "logs", exec_id).stdout
@@ -163,7 +136,7 @@ def test_mcp_server_tools(isolated_home: Paths, api: FakeOpenAI, tmp_path: Path)
         "name: notetaker\ninstructions: You use the notes server.\nmcp_servers:\n"
         f"  - name: notes\n    command: [{sys.executable}, {MCP_SERVER}, {notes}]\n",
     )
-    api.script += [_call("notes_add_note", text="remember the milk"), {"content": "Noted."}]
+    api.script += [tool_call("notes_add_note", text="remember the milk"), {"content": "Noted."}]
     r = run_cli("run", "notetaker", "-m", "Remember the milk", timeout=240)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "🔧 Tool: notes_add_note" in r.stdout
@@ -177,7 +150,7 @@ def test_mcp_server_tools(isolated_home: Paths, api: FakeOpenAI, tmp_path: Path)
     assert servers, "the MCP server runs while the worker does"
     run_cli("server", "stop")
     for p in servers:
-        _wait(lambda p=p: not p.is_running() or p.status() == psutil.STATUS_ZOMBIE, 30)
+        wait_until(lambda p=p: not p.is_running() or p.status() == psutil.STATUS_ZOMBIE, 30)
 
 
 def test_killed_worker_never_repeats_a_finished_tool_call(
@@ -185,19 +158,19 @@ def test_killed_worker_never_repeats_a_finished_tool_call(
 ) -> None:
     _apply(tmp_path, "name: worker\ninstructions: x\ntools:\n  - shell: {approval: never, timeout: 60}\n")
     api.script += [
-        _call("run_command", argv=["sh", "-c", "echo ran >> count.txt"]),
-        _call("run_command", argv=["sleep", "6"]),
+        tool_call("run_command", argv=["sh", "-c", "echo ran >> count.txt"]),
+        tool_call("run_command", argv=["sleep", "6"]),
         {"content": "Finished."},
     ]
     exec_id = run_cli("run", "worker", "--detach", "-m", "go").stdout.strip()
     workspace = isolated_home.data_dir / "workspace" / "worker"
-    _wait(lambda: (workspace / "count.txt").exists())
-    _wait(
+    wait_until(lambda: (workspace / "count.txt").exists())
+    wait_until(
         lambda: any("sleep" in " ".join(p.info["cmdline"] or []) for p in psutil.process_iter(["cmdline"])),
         30,
     )
     status = json.loads(run_cli("server", "status", "--json").stdout)
     os.kill(status["services"]["agent-runner"]["pid"], signal.SIGKILL)
-    rec = _wait(lambda: _state(exec_id, "COMPLETED", "FAILED"), 180)
+    rec = wait_until(lambda: in_state(exec_id, "COMPLETED", "FAILED"), 180)
     assert rec["state"] == "COMPLETED", rec
     assert (workspace / "count.txt").read_text() == "ran\n"  # the first call ran once

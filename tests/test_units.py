@@ -7,6 +7,7 @@ import sys
 import tarfile
 import time
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -107,6 +108,14 @@ def test_tar_absolute_refused(tmp_path: Path) -> None:
         archive.extract(t, tmp_path / "t")
 
 
+def _until(condition: Callable[[], bool], timeout: float = 30.0) -> None:
+    """Wait for `condition`, checking often; fail after `timeout` seconds (a generous bound, not a pace)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.005)
+
+
 def test_pid_record_identity_and_zombie(tmp_path: Path) -> None:
     argv = [sys.executable, "-c", "import time; time.sleep(30)"]
     child = subprocess.Popen(argv)
@@ -124,11 +133,9 @@ def test_pid_record_identity_and_zombie(tmp_path: Path) -> None:
         assert not records.is_ours(other)
         assert spawn.stop(other) is False and child.poll() is None
         child.kill()
-        # not reaped yet: a zombie, which kill -0 would call alive
-        import time
-
-        time.sleep(0.2)
-        assert psutil.Process(child.pid).status() == psutil.STATUS_ZOMBIE
+        # not reaped yet (nobody waits for it until `finally`): a zombie, which kill -0 would call alive
+        zombie = psutil.Process(child.pid)
+        _until(lambda: zombie.status() == psutil.STATUS_ZOMBIE)
         assert not records.is_ours(rec)
         assert records.live_record(tmp_path / "p.pid") is None and not (tmp_path / "p.pid").exists()
     finally:

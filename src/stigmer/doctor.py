@@ -268,9 +268,12 @@ def _llm(provider: Any, st: Any, problems: list[Problem], notes: list[str]) -> d
                 "Check llm.api_key (or OPENAI_API_KEY / ANTHROPIC_API_KEY) and llm.base_url: stigmer config list",
             )
         )
+    chosen = provider.model == st.model  # the provider's own model: its reason and speed apply
     return {
         "model": st.model,
-        "model_reason": getattr(provider, "default_reason", "") if provider.model == st.model else "",
+        "model_reason": getattr(provider, "default_reason", "") if chosen else "",
+        "expected_tokens_per_second": st.expected_tokens_per_second
+        or (getattr(provider, "expected_speed", 0.0) if chosen else 0.0),
         "model_available": st.model_available,
         "running": st.running,
         "managed": st.managed,
@@ -434,18 +437,43 @@ def _model_fit(
         model, header, provider=provider, settings=settings, hardware=hardware,
         file_size=path.stat().st_size, download_size=0, origin=str(path), downloaded=True,
     )  # fmt: skip
+    if found.fit.kind == "cpu":
+        _slow_on_cpu(provider, model, path.stat().st_size, hardware, notes)
     if found.fit.kind == "does_not_fit":
         from stigmer.hw.fit import default_model
 
-        smaller = (
-            default_model(hardware.ram_total, hardware.vram_total)[0] if provider == "ollama" else "SMALLER"
-        )
+        smaller = default_model(hardware).model if provider == "ollama" else "SMALLER"
         problems.append(
             Problem(
                 f"Model {model} does not fit this machine: {fit_check.memory_sentence(found)}.",
                 f"stigmer config set llm.model {smaller} && stigmer server restart",
             )
         )
+
+
+def _slow_on_cpu(provider: str, model: str, size: int, hardware: HardwareReport, notes: list[str]) -> None:
+    """A note when a model on the CPU is expected to generate below a usable speed (hw.speed)."""
+    from stigmer.hw import speed
+    from stigmer.hw.fit import USABLE_TOKENS_PER_SECOND, default_model
+    from stigmer.llm.names import same_model
+
+    tps = speed.tokens_per_second(size, speed.cpu_bandwidth(hardware.cpu))
+    if tps >= USABLE_TOKENS_PER_SECOND:
+        return
+    cores = hardware.cpu.physical_cores
+    note = (
+        f"{model} ({human_bytes(size)}) should generate only {speed.shown(tps)} tokens/s here, on "
+        f"{cores} CPU core{'s' if cores != 1 else ''}: below the {USABLE_TOKENS_PER_SECOND:.0f} that keep up "
+        "with a reader."
+    )
+    if provider == "ollama":
+        faster = default_model(hardware)
+        if not same_model(faster.model, model):
+            note += (
+                f" {faster.model} runs at {speed.shown(faster.tokens_per_second)} tokens/s here: "
+                f"stigmer config set llm.model {faster.model}"
+            )
+    notes.append(note)
 
 
 def _addresses(settings: Any, provider: str, base_url: str) -> dict[str, str]:

@@ -21,6 +21,7 @@ class ErrorCode(enum.Enum):
     CONFIG_UNKNOWN_KEY = ("config_unknown_key", 2, 400, False)
     INVALID_MODEL_NAME = ("invalid_model_name", 2, 400, False)
     INVALID_INPUT = ("invalid_input", 2, 400, False)
+    TOO_LARGE = ("too_large", 2, 413, False)  # a request body or input over its size limit
     # 3: the configuration
     CONFIG_MALFORMED = ("config_malformed", 3, 500, False)
     CONFIG_INVALID = ("config_invalid", 3, 400, False)
@@ -49,6 +50,7 @@ class ErrorCode(enum.Enum):
     # 7: busy or in the way (another program, another command, a model in use)
     PORT_IN_USE = ("port_in_use", 7, 409, False)
     BUSY = ("busy", 7, 409, True)
+    CONFLICT = ("conflict", 7, 409, False)  # already decided, already ended: the request came too late
     MODEL_IN_USE = ("model_in_use", 7, 409, False)
     # 8: a service: not running, failed to start, failed a request
     NOT_RUNNING = ("not_running", 8, 503, True)

@@ -4,6 +4,7 @@ starter model on a loopback port, its output in a log file (nobody has to drain 
 from __future__ import annotations
 
 import http.client
+import json
 import subprocess
 import sys
 import time
@@ -37,6 +38,32 @@ class Engine:
         return self.log.read_text(errors="replace")
 
 
+# The engine's own main(), with what a test needs to hold steady (argv[1], JSON):
+#   "load_gate": the model load starts only once this file exists. Everything before the load (the
+#     port bound, the loading responder forked, SIGTERM/SIGINT left to their default action) is as in
+#     the product: the loading window lasts until the test opens the gate, instead of the half second
+#     a quiet machine loads the starter model in.
+#   "available": the bytes of memory the engine sees as available (psutil), instead of what happens to
+#     be free on this machine at this moment.
+_TEST_MAIN = """
+import json, os, sys, time
+import stigmer.llm.llamacpp.engine as engine
+options = json.loads(sys.argv[1])
+if options.get("load_gate"):
+    load = engine.start_internal
+    def gated(**kwargs):
+        while not os.path.exists(options["load_gate"]):
+            time.sleep(0.01)
+        return load(**kwargs)
+    engine.start_internal = gated
+if options.get("available"):
+    import psutil
+    real = psutil.virtual_memory
+    psutil.virtual_memory = lambda: real()._replace(available=options["available"])
+sys.exit(engine.main(sys.argv[2:]))
+"""
+
+
 def spawn_engine(
     tmp: Path,
     *,
@@ -47,7 +74,10 @@ def spawn_engine(
     origins: tuple[str, ...] = (),
     env: dict[str, str] | None = None,
     extra: tuple[str, ...] = (),
+    load_gate: Path | None = None,
+    available: int | None = None,
 ) -> Engine:
+    """`load_gate`, `available`: see _TEST_MAIN."""
     port = free_port() if port is None else port
     argv = engine_argv(
         sys.executable,
@@ -59,6 +89,10 @@ def spawn_engine(
         threads=default_threads(),
         origins=origins,
     )
+    if load_gate is not None or available is not None:
+        assert argv[1:3] == ["-m", "stigmer.llm.llamacpp.engine"], argv
+        options = {"load_gate": str(load_gate) if load_gate else None, "available": available}
+        argv = [argv[0], "-c", _TEST_MAIN, json.dumps(options), *argv[3:]]
     log = tmp / f"engine-{port}-{time.monotonic_ns()}.log"
     with log.open("wb") as out:
         proc = subprocess.Popen([*argv, *extra], stdout=out, stderr=subprocess.STDOUT, env=env)

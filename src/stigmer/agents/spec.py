@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from stigmer.errors import ErrorCode, StigmerError
+from stigmer.nesting import MAX_DEPTH, deeper_than
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
 MAX_INSTRUCTIONS = 100_000
@@ -71,6 +72,10 @@ def parse_yaml(text: str, source: str = "agent file") -> AgentSpec:
         mark = getattr(e, "problem_mark", None)
         where = f"{source}:{mark.line + 1}" if mark is not None else source
         raise invalid(f"{where}: not valid YAML ({getattr(e, 'problem', None) or e}).") from None
+    except RecursionError:  # ruamel's composer recurses once per level
+        raise invalid(f"{source}: nested more than {MAX_DEPTH} levels deep.") from None
+    if deeper_than(doc):  # what follows (checks, copies, JSON) recurses too
+        raise invalid(f"{source}: nested more than {MAX_DEPTH} levels deep.")
     if not isinstance(doc, dict):
         raise invalid(f"{source}: an agent file is a mapping of fields (name:, instructions:, ...).")
 

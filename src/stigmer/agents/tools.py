@@ -64,6 +64,10 @@ def _entry(entry: Any) -> tuple[str, dict[str, Any]]:
         return entry, {}
     if isinstance(entry, dict) and len(entry) == 1:
         kind, options = next(iter(entry.items()))
+        if options is not None and not isinstance(options, dict):
+            raise ValueError(
+                f"the options of tool {str(kind)[:40]!r} are a mapping (- shell: {{approval: required}})"
+            )
         return str(kind), dict(options or {})
     raise ValueError(
         "each tool is a name (- workspace) or a name with options (- shell: {approval: required})"

@@ -120,6 +120,11 @@ def _llm(out: Out, r: Report) -> None:
     out.line(f"  Model:     {llm['model']}{downloaded}")
     if llm.get("model_reason"):
         out.line(f"             chosen for this machine: {llm['model_reason']}")
+    if llm.get("expected_tokens_per_second"):
+        from stigmer.hw.speed import shown
+
+        tps = float(llm["expected_tokens_per_second"])
+        out.line(f"  Speed:     {shown(tps)} tokens/s expected here (estimated from the hardware)")
     if llm["running"]:
         where = RUNS_ON.get(str(llm.get("runs_on")), "not known (the model is not loaded now)")
         out.line(f"  Runs on:   {where}")

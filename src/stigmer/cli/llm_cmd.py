@@ -1,26 +1,27 @@
-"""`stigmer server llm list|pull|rm|status|import|show|update|upgrade-runtime`."""
+"""`stigmer server llm list|pull|rm|status|import|show|update|upgrade-runtime`.
+
+Imports are made where they are used: `status` has a 100 ms budget, and with nothing running it answers
+from a few files (llm.quick_status) without the settings schema, the providers or an HTTP client.
+"""
 
 from __future__ import annotations
 
 import argparse
-from dataclasses import asdict
 from typing import TYPE_CHECKING
 
-from stigmer.cli.common import context
-from stigmer.cli.render import Out, Progress
-from stigmer.errors import ErrorCode, StigmerError
-from stigmer.llm import active
-from stigmer.llm.names import parse_model_name, same_model
-from stigmer.llm.provider import CATALOG, LocalRuntime, ModelCatalog, Provider
-from stigmer.units import human_bytes
+from stigmer.cli.render import Out
 
 if TYPE_CHECKING:
     from stigmer.config.store import Settings
     from stigmer.llm.models.fit_check import Assessment
+    from stigmer.llm.provider import ModelCatalog, Provider
     from stigmer.paths import Paths
 
 
 def _catalog(provider: Provider, what: str) -> ModelCatalog:
+    from stigmer.errors import ErrorCode, StigmerError
+    from stigmer.llm.provider import CATALOG, ModelCatalog
+
     if not isinstance(provider, ModelCatalog):
         raise StigmerError(
             f"The {provider.label} provider has no models to {what}: its models are managed by its service.",
@@ -32,16 +33,30 @@ def _catalog(provider: Provider, what: str) -> ModelCatalog:
 
 
 def status(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
     from stigmer.llm.status import LlmStatus
     from stigmer.paths import Paths
-    from stigmer.server import control
 
-    daemon = control.fetch_status(Paths.from_env())  # the running server knows: no config to read
+    paths = Paths.from_env()
+    daemon = None
+    if _server_may_run(paths):
+        from stigmer.server import control
+
+        daemon = control.fetch_status(paths)  # the running server knows: no config to read
     if daemon is not None and isinstance(daemon.get("llm"), dict):
         st = LlmStatus.from_dict(daemon["llm"])
     else:
-        paths, settings = context()
-        st = active.status(settings, paths)
+        from stigmer.llm.quick_status import quick_status
+
+        quick = quick_status(paths)  # nothing runs: a few files say it all
+        if quick is None:
+            from stigmer.cli.common import context
+            from stigmer.llm import active
+
+            paths, settings = context()
+            quick = active.status(settings, paths)
+        st = quick
     out = Out()
     if args.json:
         out.json(asdict(st))
@@ -50,7 +65,24 @@ def status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _server_may_run(paths: Paths) -> bool:
+    """A pid record of the daemon or of any service is there (run/*.pid, or the LLM's from before the
+    service layer). Records are removed when what they name stops, so without one control.fetch_status
+    has nothing to find (no daemon to ask, no record of it or of a service left running) and its
+    imports (the HTTP client, psutil) are not worth paying; a stale record only means asking it."""
+    try:
+        return any(paths.run_dir.glob("*.pid")) or paths.legacy_llm_pid.exists()
+    except OSError:
+        return True
+
+
 def list_models(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from stigmer.cli.common import context
+    from stigmer.llm import active
+    from stigmer.llm.names import same_model
+
     paths, settings = context()
     provider = active.provider(settings, paths)
     models = _catalog(provider, "list").list_models()
@@ -63,6 +95,11 @@ def list_models(args: argparse.Namespace) -> int:
 
 
 def pull(args: argparse.Namespace) -> int:
+    from stigmer.cli.common import context
+    from stigmer.cli.render import Progress
+    from stigmer.llm import active
+    from stigmer.llm.names import parse_model_name, same_model
+
     name = parse_model_name(args.model)  # refuse a bad name before anything else
     paths, settings = context()
     out = Out()
@@ -85,6 +122,10 @@ def pull(args: argparse.Namespace) -> int:
 
 
 def remove(args: argparse.Namespace) -> int:
+    from stigmer.cli.common import context
+    from stigmer.llm import active
+    from stigmer.llm.names import parse_model_name
+
     parse_model_name(args.model)
     paths, settings = context()
     _catalog(active.provider(settings, paths), "remove").remove(args.model)
@@ -95,7 +136,10 @@ def remove(args: argparse.Namespace) -> int:
 def import_model(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from stigmer.cli.common import context
+    from stigmer.cli.render import Progress
     from stigmer.llm.models.sources import import_file
+    from stigmer.llm.names import parse_model_name, same_model
 
     parse_model_name(args.name)
     paths, settings = context()
@@ -116,6 +160,8 @@ def import_model(args: argparse.Namespace) -> int:
 
 def _fit_before_download(out: Out, provider: Provider, model: str, *, force: bool, command: str) -> None:
     """The fit check of a model about to be downloaded (refused when it does not fit, unless --force)."""
+    from stigmer.llm.provider import LocalRuntime
+
     if not isinstance(provider, LocalRuntime):
         return
     if provider.name == "ollama" and not provider.is_running():
@@ -138,6 +184,10 @@ def _fit_before_download(out: Out, provider: Provider, model: str, *, force: boo
 
 
 def _local_provider(settings: Settings, paths: Paths, what: str) -> Provider:
+    from stigmer.errors import ErrorCode, StigmerError
+    from stigmer.llm import active
+    from stigmer.llm.provider import LocalRuntime
+
     provider = active.provider(settings, paths)
     if not isinstance(provider, LocalRuntime):
         raise StigmerError(
@@ -149,7 +199,9 @@ def _local_provider(settings: Settings, paths: Paths, what: str) -> Provider:
 
 
 def show(args: argparse.Namespace) -> int:
+    from stigmer.cli.common import context
     from stigmer.llm.models.fit_check import describe
+    from stigmer.llm.names import parse_model_name
 
     paths, settings = context()
     provider = _local_provider(settings, paths, "show")
@@ -175,6 +227,8 @@ FITS = {
 
 
 def render_assessment(out: Out, a: Assessment) -> None:
+    from stigmer.units import human_bytes
+
     e = a.estimate
     out.line(f"Model:           {a.model}")
     if a.downloaded:
@@ -218,7 +272,11 @@ def _count(n: int) -> str:
 
 
 def update(args: argparse.Namespace) -> int:
+    from stigmer.cli.common import context
+    from stigmer.cli.render import Progress
     from stigmer.llm.models.updates import update_model
+    from stigmer.llm.names import parse_model_name, same_model
+    from stigmer.llm.provider import LocalRuntime
 
     paths, settings = context()
     provider = _local_provider(settings, paths, "update")
@@ -246,6 +304,8 @@ def update(args: argparse.Namespace) -> int:
 
 
 def upgrade_runtime(args: argparse.Namespace) -> int:
+    from stigmer.cli.common import context
+    from stigmer.cli.render import Progress
     from stigmer.llm.ollama.upgrade import upgrade_runtime as upgrade
 
     paths, settings = context()

@@ -34,6 +34,25 @@ ASCII_MARKERS = {
 }  # fmt: skip
 
 
+# Text that comes from a model, a tool or a stored record is shown, never obeyed. ESC starts sequences
+# that retitle the window, clear the screen, move the cursor over earlier lines or make some terminals
+# type an answer back; the other C0 and C1 controls and the bidi overrides (U+202A-E, U+2066-9) hide or
+# reorder what is shown. Each is shown escaped (\x1b, \u202e): nothing runs and nothing is silently lost.
+# Newlines and tabs stay; a carriage return is dropped, so CRLF text reads as lines and a bare CR cannot
+# write over what was printed. Each character is handled alone, so a sequence split across two streamed
+# pieces is made safe as well.
+_UNSAFE: dict[int, str | None] = {
+    c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0)) if c not in (0x09, 0x0A, 0x0D)
+}
+_UNSAFE |= {c: f"\\u{c:04x}" for c in (*range(0x202A, 0x202F), *range(0x2066, 0x206A))}
+_UNSAFE[0x0D] = None
+
+
+def terminal_safe(text: str) -> str:
+    """`text` with every control character and bidi override escaped (see _UNSAFE), for the terminal."""
+    return text.translate(_UNSAFE)
+
+
 def use_color(stream: TextIO) -> bool:
     if "NO_COLOR" in os.environ or os.environ.get("TERM") == "dumb":
         return False
@@ -92,9 +111,10 @@ class Out:
         self.note(f"{self._mark('warn', 'yellow', err=True)} {text}")
 
     def error(self, message: str, hint: str = "") -> None:
-        print(f"{self._mark('bad', 'red', err=True)} Error: {message}", file=self.stderr)
+        # An error may quote what a server, a model or a file said: shown, never obeyed.
+        print(f"{self._mark('bad', 'red', err=True)} Error: {terminal_safe(message)}", file=self.stderr)
         if hint:
-            print(f"\n{hint}", file=self.stderr)
+            print(f"\n{terminal_safe(hint)}", file=self.stderr)
         self.stderr.flush()
 
     def json_error(self, error: dict[str, str]) -> None:
@@ -153,7 +173,11 @@ class Out:
         self.line("Stigmer Server Status:")
         self.line(self.rule)
         running = bool(data.get("running"))
-        self.line(f"  Status: {self.ok() + ' Running' if running else self.bad() + ' Stopped'}")
+        if data.get("unsupervised"):
+            warn = self._mark("warn", "yellow", err=False)
+            self.line(f"  Status: {warn} Services running, not supervised (the daemon is not running)")
+        else:
+            self.line(f"  Status: {self.ok() + ' Running' if running else self.bad() + ' Stopped'}")
         if data.get("pid"):
             self.line(f"  PID:    {data['pid']}")
         self.line(f"  Port:   {data.get('port', '')}")
@@ -169,6 +193,12 @@ class Out:
                 self.line(f"  {name:<{width}}  {self._service_line(svc)}")
                 if svc.get("last_failure") and (svc.get("restarts") or svc.get("state") == "failed"):
                     self.line(f"  {'':<{width}}    last failure: {svc['last_failure']}")
+            if data.get("unsupervised"):
+                self.line()
+                self.line(
+                    "  Nothing restarts them if they fail. The next `stigmer server` adopts them as they"
+                )
+                self.line("  are (no second copies, no restart); `stigmer server stop` stops them.")
         llm = data.get("llm")
         if isinstance(llm, dict):
             self.line()
@@ -177,7 +207,7 @@ class Out:
         if web:
             self.line()
             self.line("Web UI:")
-            self.line(f"  Temporal:  {web}")
+            self.line(f"  Temporal:  {web}  (sign in: stigmer server temporal-ui)")
 
     def _service_line(self, svc: dict[str, Any]) -> str:
         state = str(svc.get("state", ""))

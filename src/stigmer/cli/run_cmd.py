@@ -6,10 +6,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from typing import Any
 
-from stigmer.cli.render import Out
+from stigmer.cli.render import Out, terminal_safe
 from stigmer.errors import ErrorCode, StigmerError
+from stigmer.executions.contract import END_EVENTS
+from stigmer.executions.contract import EventKind as E
 from stigmer.paths import Paths
 from stigmer.server.client import ApiClient
 
@@ -50,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     out = Out()
     message = _message(args)
     api = _api(start=True, out=out)
-    record = api.post("/v1/executions", {"agent": args.agent, "message": message})
+    record = _submit(api, {"agent": args.agent, "message": message}, out)
     exec_id = str(record["id"])
     if args.detach:
         out.line(exec_id)
@@ -66,10 +69,11 @@ class StreamView:
         self.quiet = quiet  # --json: nothing but the final record on stdout
         self.in_text = False
         self.final: dict[str, Any] | None = None
+        self.answer = ""  # the text shown of the model's current answer (since its last tool call or retry)
 
     def _print(self, text: str, end: str = "\n") -> None:
         if not self.quiet:
-            print(text, end=end, file=self.out.stdout, flush=True)
+            print(terminal_safe(text), end=end, file=self.out.stdout, flush=True)
 
     def _end_text(self) -> None:
         if self.in_text:
@@ -79,45 +83,76 @@ class StreamView:
     def handle(self, kind: str, data: dict[str, Any]) -> bool:
         """Show one event; True once the execution has ended."""
         marks = self.out.marks
-        if kind == "pending":
+        if kind == E.PENDING:
             self._print(f"{marks['pending']} Execution pending...")
-        elif kind == "started":
+        elif kind == E.STARTED:
             self._print(
                 f"{marks['started']} Execution started ({data.get('model', '')} on {data.get('provider', '')})"
             )
-        elif kind == "delta":
+        elif kind == E.DELTA:
+            self.answer += str(data.get("text", ""))
             if not self.in_text:
                 self._print(f"{marks['agent']} Agent: ", end="")
                 self.in_text = True
             self._print(str(data.get("text", "")), end="")
-        elif kind == "retry":
+        elif kind == E.RETRY:
+            self.answer = ""
             self._end_text()
             self._print(
                 f"{marks['warn']} The model call is being retried (attempt {data.get('attempt')}); "
                 "its answer starts over:"
             )
-        elif kind == "tool_call":
+        elif kind == E.TOOL_CALL:
+            self.answer = ""
             self._end_text()
             args = json.dumps(data.get("args") or {}, ensure_ascii=False)
             self._print(f"{marks['tool']} Tool: {data.get('name')}({_short(args, 200)})")
-        elif kind == "tool_result":
+        elif kind == E.TOOL_RESULT:
+            self.answer = ""
             self._print(f"   {marks['arrow']} {_short(str(data.get('content', '')), 300)}")
-        elif kind == "approval_required":
+        elif kind == E.APPROVAL_REQUIRED:
             self._end_text()
             args = json.dumps(data.get("args") or {}, ensure_ascii=False)
             self._print(f"{marks['warn']} Waiting for approval: {data.get('name')}({_short(args, 200)})")
-        elif kind == "approval":
+        elif kind == E.APPROVAL:
             verdict = "allowed" if data.get("approved") else "denied"
             self._print(
                 f"   {data.get('name', 'tool')} {verdict}" + (" (always)" if data.get("always") else "")
             )
-        elif kind == "cancelling":
+        elif kind == E.NOTICE:
             self._end_text()
-        elif kind in ("completed", "failed", "cancelled"):
+            self._print(f"{marks['warn']} {data.get('text', '')}")
+        elif kind == E.CANCELLING:
             self._end_text()
+        elif kind in END_EVENTS:
             self.final = data.get("record") or {}
+            self._fill_in()
+            self._end_text()
             return True
         return False
+
+    def _fill_in(self) -> None:
+        """Never end on less than the record has: the answer the record keeps is compared with the text
+        shown; what the stream missed at the end is printed, and an answer that the stream got wrong
+        in the middle is printed again whole, after a notice."""
+        rec = self.final or {}
+        output = rec.get("output")
+        if self.quiet or rec.get("state") != "COMPLETED" or not isinstance(output, str) or not output.strip():
+            return
+        rest = rest_of(self.answer, output)
+        if rest is None:
+            self._end_text()
+            self.out.warn("Part of the streamed answer was lost on the way; the answer as recorded:")
+            self._print(f"{self.out.marks['agent']} Agent: ", end="")
+            self.in_text = True
+            rest = output
+        elif rest and not self.in_text:
+            self._print(f"{self.out.marks['agent']} Agent: ", end="")
+            self.in_text = True
+            rest = rest.lstrip()
+        if rest:
+            self._print(rest, end="")
+            self.answer += rest
 
     def summary(self) -> None:
         rec = self.final or {}
@@ -141,40 +176,148 @@ class StreamView:
         self._print(f"Total messages: {len(rec.get('messages') or [])}")
 
 
+# How long `run` and `logs -f` wait for a server that went away: the daemon restarts a dead API within
+# a few seconds; without a daemon nobody restarts it, but `stigmer server restart` may be under way.
+RECONNECT_SECONDS = 60.0
+NO_DAEMON_SECONDS = 10.0
+STABLE_SECONDS = 5.0  # a stream that stayed open this long counts as the server being back
+
+
+class ServerLost(StigmerError):
+    """The server did not come back in time: `follow` gives up."""
+
+
+class Reconnect:
+    """`follow`'s view of the connection: when the server was lost, the notices, the pause between
+    tries and the end of waiting."""
+
+    def __init__(self, out: Out, exec_id: str, view: StreamView) -> None:
+        self.out = out
+        self.exec_id = exec_id
+        self.view = view
+        self.since: float | None = None  # when the server was lost (monotonic); None while it answers
+        self.opened_at: float | None = None
+        self.told_back = False
+        self.delay = 0.2
+
+    def opened(self) -> None:
+        """The server accepted the stream."""
+        self.opened_at = time.monotonic()
+        if self.since is not None and not self.told_back:
+            self.told_back = True
+            self.out.note(f"{self.out.marks['ok']} Reconnected; resuming where the stream stopped")
+
+    def answered(self) -> None:
+        """An event or an answer came: the server is back."""
+        self.since = None
+
+    def lost(self, why: str) -> None:
+        """The stream dropped or the server refused: pause before the next try, or give up."""
+        now = time.monotonic()
+        if self.opened_at is not None and now - self.opened_at >= STABLE_SECONDS:
+            self.since = None  # it was back for a while: this is a new loss
+        self.opened_at = None
+        if self.since is None:
+            self.since, self.told_back, self.delay = now, False, 0.2
+            # on a terminal, the notice goes on a line of its own, not after the answer's last word
+            cut = "\n" if self.view.in_text and self.out.stdout.isatty() else ""
+            self.out.note(
+                f"{cut}{self.out.marks['warn']} Lost the Stigmer server ({_short(why.rstrip('.'), 160)}); reconnecting..."
+            )
+        else:
+            daemon = _daemon_runs()
+            limit = RECONNECT_SECONDS if daemon else NO_DAEMON_SECONDS
+            if now - self.since >= limit:
+                raise ServerLost(
+                    f"Lost the Stigmer server for {now - self.since:.0f} s while following execution "
+                    f"{self.exec_id}" + ("." if daemon else ": the server is stopped (no daemon runs)."),
+                    hint="The execution goes on (or resumes) once the server runs: stigmer server status\n"
+                    f"Follow it again with: stigmer execution logs -f {self.exec_id}",
+                    code=ErrorCode.NOT_RUNNING,
+                )
+        time.sleep(self.delay)
+        self.delay = min(self.delay * 2, 2.0)
+
+
+def _submit(api: ApiClient, body: dict[str, Any], out: Out) -> Any:
+    """Start the execution. While the API refuses connections (its supervisor is restarting it), try
+    again for up to RECONNECT_SECONDS: a refused connection sent nothing, so nothing is started twice."""
+    from stigmer.server.client import NotReachable
+
+    waiting_since: float | None = None
+    while True:
+        try:
+            return api.post("/v1/executions", body)
+        except NotReachable as e:
+            now = time.monotonic()
+            if e.sent or (waiting_since is not None and now - waiting_since >= RECONNECT_SECONDS):
+                raise
+            if waiting_since is None:
+                waiting_since = now
+                out.warn("The Stigmer API does not answer (being restarted?); waiting for it...")
+            time.sleep(0.5)
+
+
+def _token_renewed(api: ApiClient) -> bool:
+    """The token file holds another token than this command started with (it was repaired): use it."""
+    from stigmer.server.token import read_token
+
+    token = read_token(Paths.from_env())
+    if not token or token == api.token:
+        return False
+    api.token = token
+    return True
+
+
+def _daemon_runs() -> bool:
+    from stigmer.server.state import daemon_record
+
+    return daemon_record(Paths.from_env()) is not None
+
+
 def follow(
     api: ApiClient, exec_id: str, out: Out, *, json_output: bool = False, cancel_on_interrupt: bool
 ) -> int:
+    """Show an execution's events until it ends. A stream that drops, or a server that refuses while
+    its supervisor restarts it, is followed again from the last event seen (Last-Event-ID), for up to
+    RECONNECT_SECONDS; then a clear error (NOT_RUNNING)."""
     view = StreamView(out, quiet=json_output)
+    link = Reconnect(out, exec_id, view)
+    path = f"/v1/executions/{exec_id}/events"
     last = ""
+    loss: str | None = None
     cancelled_here = False
     while True:
         try:
-            for event_id, kind, raw in api.events(
-                f"/v1/executions/{exec_id}/events", last_event_id=last or None
-            ):
+            if loss is not None:
+                why, loss = loss, None
+                link.lost(why)
+            for event_id, kind, raw in api.events(path, last_event_id=last or None, on_open=link.opened):
                 last = event_id or last
+                link.answered()
                 data = json.loads(raw) if raw else {}
-                if kind == "approval_required" and not json_output and not cancelled_here:
+                if kind == E.APPROVAL_REQUIRED and not json_output and not cancelled_here:
                     view.handle(kind, data)
-                    _ask(api, exec_id, data, out)
+                    _ask(api, exec_id, data, out, link)
                     continue
                 if view.handle(kind, data):
                     break
             else:
-                continue  # the stream ended without an outcome (the API restarted): reconnect from `last`
+                loss = "the event stream ended before the execution did"
+                continue
             break
         except KeyboardInterrupt:
             if not cancel_on_interrupt or cancelled_here:
                 raise
             cancelled_here = True
             out.note(f"\n{out.marks['warn']} Cancelling execution {exec_id}...")
-            api.post(f"/v1/executions/{exec_id}/cancel")
+            _cancel(api, exec_id)
         except StigmerError as e:
-            if e.code is not ErrorCode.NOT_RUNNING:
+            if e.code is ErrorCode.UNAUTHORIZED and _token_renewed(api):
+                continue  # `stigmer server` restarted the API with a new token meanwhile: go on with it
+            if isinstance(e, ServerLost) or e.code is not ErrorCode.NOT_RUNNING:
                 raise
-            import time
-
-            time.sleep(1)  # the API is being restarted by its supervisor: reconnect where we were
+            loss = e.message  # being restarted by its supervisor, or stopped: see Reconnect.lost
     record = view.final or api.get(f"/v1/executions/{exec_id}")
     if json_output:
         out.json(record)
@@ -188,21 +331,72 @@ def follow(
     return ErrorCode.EXECUTION_FAILED.exit_code
 
 
-def _ask(api: ApiClient, exec_id: str, data: dict[str, Any], out: Out) -> None:
-    """On a terminal, ask at once; elsewhere the execution waits for `stigmer execution approve|deny`."""
+def _cancel(api: ApiClient, exec_id: str) -> None:
+    try:
+        api.post(f"/v1/executions/{exec_id}/cancel")
+    except StigmerError as e:
+        if e.code is not ErrorCode.NOT_RUNNING:
+            raise
+        raise StigmerError(
+            f"Interrupted, but execution {exec_id} could not be cancelled: the Stigmer server does not answer.",
+            hint=f"It goes on once the server runs. Cancel it then: stigmer execution cancel {exec_id}",
+            code=ErrorCode.INTERRUPTED,
+        ) from None
+
+
+def _ask(api: ApiClient, exec_id: str, data: dict[str, Any], out: Out, link: Reconnect) -> None:
+    """On a terminal, ask at once; elsewhere the execution waits for `stigmer execution approve|deny`.
+    The answer is sent again while the server is being restarted; one that came too late (answered
+    elsewhere, the execution ended) is said, and the stream goes on."""
     if not (sys.stdin.isatty() and out.stdout.isatty()):
         out.note(f"   Waiting: answer with  stigmer execution approve {exec_id}  (or deny)")
         return
     args = json.dumps(data.get("args") or {}, ensure_ascii=False)
-    answer = input(f"Allow {data.get('name')}({_short(args, 200)})? [y/N/a(lways)] ").strip().lower()
+    answer = (
+        input(terminal_safe(f"Allow {data.get('name')}({_short(args, 200)})? [y/N/a(lways)] "))
+        .strip()
+        .lower()
+    )
     approve = answer in ("y", "yes", "a", "always")
     always = answer in ("a", "always")
     verb = "approve" if approve else "deny"
-    api.post(f"/v1/executions/{exec_id}/{verb}", {"call_id": data.get("id"), "always": always})
+    while True:
+        try:
+            api.post(f"/v1/executions/{exec_id}/{verb}", {"call_id": data.get("id"), "always": always})
+            link.answered()
+            return
+        except StigmerError as e:
+            if isinstance(e, ServerLost):
+                raise
+            if e.code is not ErrorCode.NOT_RUNNING:
+                out.warn(f"Your answer was not taken: {e.message}")
+                return
+            link.lost(e.message)
 
 
 def _short(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def rest_of(shown: str, answer: str) -> str | None:
+    """What of `answer` is still to be shown after `shown` ("" for nothing), compared without white space
+    (the stream and the record may join parts differently); None when `shown` is not the start of it."""
+    seen, want = "".join(shown.split()), "".join(answer.split())
+    if want in seen:
+        return ""
+    if not want.startswith(seen):
+        return None
+    count = 0
+    for i, ch in enumerate(answer):
+        if count == len(seen):
+            rest = answer[i:]
+            # the white space already shown at the end of `shown` is not shown again
+            shown_ws = len(shown) - len(shown.rstrip())
+            rest_ws = len(rest) - len(rest.lstrip())
+            return rest[min(shown_ws, rest_ws) :]
+        if not ch.isspace():
+            count += 1
+    return ""
 
 
 # -- stigmer agent -------------------------------------------------------------------------------------------
@@ -245,7 +439,7 @@ def agent_list(args: argparse.Namespace) -> int:
     out.line(out.rule)
     for a in agents:
         first = (a.get("instructions") or "").strip().splitlines()
-        about = _short(first[0], 60) if first else ""
+        about = terminal_safe(_short(first[0], 60)) if first else ""
         out.line(f"  {a['name']:<20} {a.get('model') or '(configured model)':<24} {about}")
     return 0
 
@@ -262,7 +456,7 @@ def agent_get(args: argparse.Namespace) -> int:
 
     buf = io.StringIO()
     YAML().dump(agent, buf)
-    out.stdout.write(buf.getvalue())
+    out.stdout.write(terminal_safe(buf.getvalue()))
     return 0
 
 
@@ -306,7 +500,7 @@ def execution_get(args: argparse.Namespace) -> int:
     out.line(out.rule)
     for key in ("state", "agent", "model", "provider", "endpoint", "attempts", "tool_calls", "error"):
         if record.get(key) not in (None, ""):
-            out.line(f"  {key.replace('_', ' ').capitalize() + ':':<12} {record[key]}")
+            out.line(terminal_safe(f"  {key.replace('_', ' ').capitalize() + ':':<12} {record[key]}"))
     if record.get("duration") is not None:
         out.line(f"  {'Duration:':<12} {record['duration']:.1f}s")
     usage = record.get("usage") or {}
@@ -315,9 +509,9 @@ def execution_get(args: argparse.Namespace) -> int:
     out.line()
     out.line("Messages:")
     for m in record.get("messages") or []:
-        out.line(f"  [{m['role']}] {m['content']}")
+        out.line(terminal_safe(f"  [{m['role']}] {m['content']}"))
     for pending in record.get("approvals") or []:
-        out.line(f"  waiting for approval: {pending['tool']}({json.dumps(pending['args'])})")
+        out.line(terminal_safe(f"  waiting for approval: {pending['tool']}({json.dumps(pending['args'])})"))
     return 0
 
 
@@ -357,7 +551,7 @@ def _decide(args: argparse.Namespace, verb: str) -> int:
     api = _api()
     record = api.post(f"/v1/executions/{_id(args.id)}/{verb}", {"always": args.always})
     Out().success(
-        f"{'Approved' if verb == 'approve' else 'Denied'}: {record.get('decided', 'the pending tool call')}"
+        f"{'Approved' if verb == 'approve' else 'Denied'}: {terminal_safe(str(record.get('decided', 'the pending tool call')))}"
     )
     return 0
 

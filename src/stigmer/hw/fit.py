@@ -222,16 +222,16 @@ def choose_context(
     return best, f"context limited to {best} tokens by memory (the model supports {ceiling})"
 
 
-# (tag, download size as Ollama's library lists it) of the qwen2.5-coder family, smallest first: one
-# family at every size keeps the chat template and tool-calling behaviour the agents are tuned for.
-# (The seed document's pick for small machines, deepseek-coder:6.7b, is a 3.8 GB download: hardly
-# smaller than the 7b, and too big for the 4-6 GB machines that need a smaller model.)
+# (tag, download size as Ollama's library lists it, in bytes) of the qwen2.5-coder family, smallest
+# first: one family at every size keeps the chat template and tool-calling behaviour the agents are
+# tuned for. (The seed document's pick for small machines, deepseek-coder:6.7b, is a 3.8 GB download:
+# hardly smaller than the 7b, and too big for the 4-6 GB machines that need a smaller model.)
 MODELS = {
-    "1.5b": ("qwen2.5-coder:1.5b", "986 MB"),
-    "3b": ("qwen2.5-coder:3b", "1.9 GB"),
-    "7b": ("qwen2.5-coder:7b", "4.7 GB"),
-    "14b": ("qwen2.5-coder:14b", "9.0 GB"),
-    "32b": ("qwen2.5-coder:32b", "20 GB"),
+    "1.5b": ("qwen2.5-coder:1.5b", "986 MB", 986_000_000),
+    "3b": ("qwen2.5-coder:3b", "1.9 GB", 1_900_000_000),
+    "7b": ("qwen2.5-coder:7b", "4.7 GB", 4_700_000_000),
+    "14b": ("qwen2.5-coder:14b", "9.0 GB", 9_000_000_000),
+    "32b": ("qwen2.5-coder:32b", "20 GB", 20_000_000_000),
 }
 _ORDER = list(MODELS)
 # Machines report less than the size they are sold with (firmware and integrated graphics reserve
@@ -239,24 +239,107 @@ _ORDER = list(MODELS)
 RAM_TIERS = ((15 * GIB, "14b"), (7.5 * GIB, "7b"), (5.5 * GIB, "3b"), (0, "1.5b"))
 VRAM_TIERS = ((22 * GIB, "32b"), (11 * GIB, "14b"), (7 * GIB, "7b"))
 MIN_RAM = 5.5 * GIB  # "6 GB"
+# The slowest generation the default model may have here (tokens/s). People read ~4-5 words (~5-7
+# tokens) a second, so at 8 an answer streams faster than it is read, and an agent step of ~300 tokens
+# takes under 40 s; the estimate (hw.speed) is a floor, so real speeds are at or above it. On a common
+# 8-core desktop without a GPU (dual-channel memory, ~40 GB/s) it keeps the 7b (about 8.5 tokens/s)
+# and drops the 14b (about 4.4); on a 2-core VM (about 10 GB/s) only the 1.5b reaches it.
+USABLE_TOKENS_PER_SECOND = 8.0
+# VRAM a partly offloaded model leaves for the KV cache and compute buffers (a 14b at 4096 tokens of
+# context needs ~0.8 GB of KV cache plus llama.cpp's buffers).
+GPU_CONTEXT_ALLOWANCE = 1 * GIB
 
 
-def default_model(ram_total: int, vram_total: int = 0) -> tuple[str, str]:
-    """The model to install by default, and why.
+@dataclass(frozen=True)
+class DefaultChoice:
+    model: str
+    reason: str
+    tokens_per_second: float  # the estimate for `model` here (hw.speed)
+    runs_on: str  # gpu | partial | cpu, as the estimate assumes
 
-    By RAM: 16 GB or more -> 14b, 8 GB -> 7b (the product default), 6 GB -> 3b, less -> 1.5b. A
-    dedicated GPU with room for a bigger model in VRAM lifts the choice (8 GB -> 7b, 12 GB -> 14b,
-    24 GB -> 32b). `vram_total` is the largest dedicated GPU's memory; Apple's unified memory is RAM.
-    """
+
+def memory_tier(ram_total: int, vram_total: int = 0) -> str:
+    """The largest size memory allows (the upper bound of the choice): by RAM, 16 GB or more -> 14b,
+    8 GB -> 7b, 6 GB -> 3b, less -> 1.5b; a dedicated GPU with room for a bigger model in VRAM lifts it
+    (8 GB -> 7b, 12 GB -> 14b, 24 GB -> 32b). Apple's unified memory is RAM."""
     ram_size = next(size for limit, size in RAM_TIERS if ram_total >= limit)
     vram_size = next((size for limit, size in VRAM_TIERS if vram_total >= limit), None)
-    size = ram_size
-    reason = f"{human_bytes(ram_total)} of RAM"
     if vram_size is not None and _ORDER.index(vram_size) > _ORDER.index(ram_size):
-        size = vram_size
-        reason = f"a GPU with {human_bytes(vram_total)} of memory"
-    name, download = MODELS[size]
-    return name, f"{reason}: {name} ({download}) runs well and leaves room for the system and the agents"
+        return vram_size
+    return ram_size
+
+
+def _machine(hardware: HardwareReport, gpu: GpuInfo | None) -> str:
+    cores = hardware.cpu.physical_cores
+    parts = [f"{human_bytes(hardware.ram_total)} of RAM", f"{cores} CPU core{'s' if cores != 1 else ''}"]
+    if gpu is not None and gpu.unified_memory:
+        parts.append(f"{gpu.name} sharing the RAM")
+    elif gpu is not None:
+        parts.append(f"a GPU with {human_bytes(gpu.memory_total or 0)} of memory ({gpu.name})")
+    else:
+        parts.append("no usable GPU" if hardware.gpus else "no GPU")
+    return ", ".join(parts)
+
+
+def default_model(hardware: HardwareReport, *, usable: float = USABLE_TOKENS_PER_SECOND) -> DefaultChoice:
+    """The model to install by default, why, and how fast it is expected to generate here.
+
+    The largest size that memory allows (memory_tier: RAM, raised by a GPU's VRAM) and that reaches
+    `usable` tokens/s by the estimate of hw.speed: on the GPU when it holds the whole model (within
+    its VRAM tier, or with room to spare), split between GPU and CPU when it holds part, else on the
+    CPU. When no size is fast enough, the smallest, saying so.
+    """
+    from stigmer.hw import speed
+
+    dedicated = [g for g in hardware.gpus if not g.unified_memory and g.memory_total]
+    gpu = max(dedicated, key=lambda g: g.memory_total or 0, default=None)
+    apple = next((g for g in hardware.gpus if g.unified_memory), None)
+    cpu = speed.cpu_bandwidth(hardware.cpu)
+    top = memory_tier(hardware.ram_total, hardware.vram_total)
+    vram_size = next((size for limit, size in VRAM_TIERS if hardware.vram_total >= limit), None)
+
+    def estimate(size: str) -> tuple[float, str, str]:
+        """(tokens/s, gpu | partial | cpu, where it runs in words) for a size."""
+        nbytes = MODELS[size][2]
+        if apple is not None:
+            bw = speed.gpu_bandwidth(apple)
+            return speed.tokens_per_second(nbytes, cpu, bw, nbytes), "gpu", f"on the GPU ({bw.note})"
+        if gpu is not None:
+            bw = speed.gpu_bandwidth(gpu)
+            room = (gpu.memory_total or 0) - GPU_RESERVE[gpu.vendor] - GPU_CONTEXT_ALLOWANCE
+            if (vram_size is not None and _ORDER.index(size) <= _ORDER.index(vram_size)) or room >= nbytes:
+                return speed.tokens_per_second(nbytes, cpu, bw, nbytes), "gpu", f"on the GPU ({bw.note})"
+            if room > 0:
+                tps = speed.tokens_per_second(nbytes, cpu, bw, room)
+                return (
+                    tps,
+                    "partial",
+                    f"{human_bytes(room)} of it on the GPU ({bw.note}), the rest on the CPU",
+                )
+        return (
+            speed.tokens_per_second(nbytes, cpu),
+            "cpu",
+            "on the CPU" + (f" ({cpu.note})" if cpu.note else ""),
+        )
+
+    candidates = _ORDER[: _ORDER.index(top) + 1]
+    chosen = next((s for s in reversed(candidates) if estimate(s)[0] >= usable), candidates[0])
+    tps, runs_on, where = estimate(chosen)
+    name, download, _nbytes = MODELS[chosen]
+    reason = (
+        f"{_machine(hardware, gpu or apple)}: {name} ({download}) should generate "
+        f"{speed.shown(tps)} tokens/s here, {where}"
+    )
+    bigger = _ORDER.index(chosen) + 1
+    if tps < usable:
+        reason += f", below the {usable:.0f} tokens/s that keep up with a reader (a remote LLM is faster)"
+    elif bigger < len(candidates):
+        other = candidates[bigger]
+        reason += (
+            f"; {MODELS[other][0]} fits in memory but would generate {speed.shown(estimate(other)[0])}, "
+            f"below the {usable:.0f} tokens/s that keep up with a reader"
+        )
+    return DefaultChoice(name, reason, round(tps, 1), runs_on)
 
 
 def requirements_warning(ram_total: int) -> str | None:

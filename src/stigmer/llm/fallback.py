@@ -19,18 +19,20 @@ def applies(settings: Settings) -> bool:
     return settings.llm.provider == "ollama" and settings.llm.offline_fallback
 
 
-def plan(settings: Settings, paths: Paths, reason: str) -> Provider | None:
+def plan(settings: Settings, paths: Paths, reason: str, configured_model: str) -> Provider | None:
     """The built-in engine serving the best local model, with the facts for the warning block in its
-    `extra["fallback"]`; None when no model is here."""
+    `extra["fallback"]`; None when no model is here. `configured_model` is the model the runtime was
+    to serve: llm.model, or, while it is not set, the one chosen for this machine (the provider's
+    model, never the schema's placeholder default)."""
     from stigmer.llm.models.sources import best_local
 
-    model = best_local(paths, settings.llm.model)
+    model = best_local(paths, configured_model)
     if model is None:
         return None
     info = {
         "reason": reason,
         "configured_provider": settings.llm.provider,
-        "configured_model": settings.llm.model,
+        "configured_model": configured_model,
         "model": model.name,
         "size": human_bytes(model.size),
         "base_url": settings.llm.fallback_base_url,

@@ -54,7 +54,11 @@ def setup(settings: Settings, paths: Paths, report: Reporter = silent, *, force:
     try:
         started = serve(provider, report, before_download=fits)
     except NetworkUnreachable as e:
-        planned = fallback.plan(settings, paths, e.message) if fallback.applies(settings) else None
+        planned = (
+            fallback.plan(settings, paths, e.message, configured_model=provider.model)
+            if fallback.applies(settings)
+            else None
+        )
         if planned is None:
             raise
         log.info("runtime unavailable (%s); falling back to the built-in engine", e.message)

@@ -61,6 +61,7 @@ class RunDeps(BaseModel):
     """Crosses into every activity (so into Temporal's history): nothing secret."""
 
     execution_id: str
+    ticket: str  # the execution's secret (encrypted in the history): the API takes its events with it
     target: LlmTarget
     agent: str = "default"
     tools: list[dict[str, Any]] = []  # ToolConfig fields, from the agent file
@@ -79,7 +80,7 @@ def _model(ctx: Any, model_id: str) -> Any:
 async def _stream(ctx: RunContext[RunDeps], events: AsyncIterable[AgentStreamEvent]) -> None:
     """Runs inside the model-request activity (and the tool-event activities): forward what happens."""
     info = activity.info()
-    async with Publisher(ctx.deps.execution_id, info.attempt) as pub:
+    async with Publisher(ctx.deps.execution_id, ctx.deps.ticket, info.attempt) as pub:
         if info.activity_type.endswith("model_request_stream") and info.attempt > 1:
             pub.event("retry", reason="the model request is being retried")  # clients drop its partial text
         async for event in events:

@@ -1,11 +1,13 @@
 """Human approval of tool calls, inside the workflow.
 
 A tool marked `approval: required` raises ApprovalRequired; pydantic-ai hands the pending calls to
-`decide` below, which runs in workflow code: it tells the API (an activity), then waits for a
-`decide` signal per call. The wait is a workflow condition, so it holds no worker and survives
-restarts of everything; the answer arrives as a signal from the API (`stigmer execution approve|deny`,
-or the prompt of `stigmer run` on a terminal). A denial is told to the agent, which goes on without
-the tool. "Always" answers stand for that tool for the rest of the execution.
+`decide` below, which runs in workflow code: it tells the API (an activity), then waits. A person
+answers through the API (`stigmer execution approve|deny`, or the prompt of `stigmer run` on a
+terminal), which records the decision and sends the workflow a `wake` signal; the workflow then reads
+the decisions from the API (an activity). The signal carries nothing: a signal sent by anything but
+Stigmer's API can wake the workflow, never decide. The wait is a workflow condition, so it holds no
+worker and survives restarts of everything. A denial is told to the agent, which goes on without the
+tool. "Always" answers stand for that tool for the rest of the execution.
 """
 
 from __future__ import annotations
@@ -18,27 +20,42 @@ from pydantic_ai import DeferredToolRequests, DeferredToolResults, RunContext, T
 from temporalio import activity, workflow
 from temporalio.common import RetryPolicy
 
+with workflow.unsafe.imports_passed_through():
+    from stigmer.executions.messages import Decision
+
 DENIED = "The user denied this tool call. Do not retry it; continue without it."
-
-
-class Decision(BaseModel):
-    call_id: str
-    tool: str = ""
-    approve: bool
-    always: bool = False
+RECHECK = timedelta(minutes=10)  # a wake-up lost with an API restart: look at the API again anyway
 
 
 class NotifyInput(BaseModel):
     execution_id: str
+    ticket: str
     events: list[dict[str, Any]]
+
+
+class DecisionsInput(BaseModel):
+    execution_id: str
+    ticket: str
+    call_ids: list[str]
 
 
 @activity.defn(name="stigmer.notify")
 async def notify(inp: NotifyInput) -> None:
-    """Tell the API something the workflow decided or waits for."""
-    from stigmer.runner.publish import post_events
+    """Tell the API what the workflow waits for (it must arrive: sent again until it does)."""
+    from stigmer.runner.publish import deliver
 
-    await post_events(inp.execution_id, inp.events)
+    await deliver(inp.execution_id, inp.ticket, inp.events)
+
+
+@activity.defn(name="stigmer.decisions")
+async def decisions(inp: DecisionsInput) -> list[Decision]:
+    """The decisions people made, through the API, on these calls."""
+    from stigmer.runner.publish import call
+
+    found = await call(
+        f"/executions/{inp.execution_id}/decisions", {"ticket": inp.ticket, "call_ids": inp.call_ids}
+    )
+    return [Decision.model_validate(d) for d in found]
 
 
 class Approvals:
@@ -47,6 +64,7 @@ class Approvals:
     def __init__(self) -> None:
         self.decisions: dict[str, Decision] = {}
         self.always: dict[str, bool] = {}  # tool name -> approve
+        self.woken = False
 
     def record(self, d: Decision) -> None:
         self.decisions[d.call_id] = d
@@ -54,18 +72,12 @@ class Approvals:
             self.always[d.tool] = d.approve
 
 
-async def _notify(execution_id: str, events: list[dict[str, Any]]) -> None:
-    await workflow.execute_activity(
-        notify,
-        NotifyInput(execution_id=execution_id, events=events),
-        start_to_close_timeout=timedelta(seconds=30),
-        retry_policy=RetryPolicy(maximum_attempts=10, maximum_interval=timedelta(seconds=10)),
-    )
+_RETRY = RetryPolicy(maximum_interval=timedelta(seconds=10))  # until the API answers
 
 
 async def decide(ctx: RunContext[Any], requests: DeferredToolRequests) -> DeferredToolResults:
     state: Approvals = workflow.instance()
-    execution_id = ctx.deps.execution_id
+    execution_id, ticket = ctx.deps.execution_id, ctx.deps.ticket
     results: dict[str, Any] = {}
     waiting = []
     for call in requests.approvals:
@@ -74,34 +86,48 @@ async def decide(ctx: RunContext[Any], requests: DeferredToolRequests) -> Deferr
         else:
             waiting.append(call)
     if waiting:
-        await _notify(
-            execution_id,
-            [
-                {
-                    "type": "approval_required",
-                    "id": c.tool_call_id,
-                    "name": c.tool_name,
-                    "args": c.args_as_dict(),
-                }
-                for c in waiting
-            ],
+        await workflow.execute_activity(
+            notify,
+            NotifyInput(
+                execution_id=execution_id,
+                ticket=ticket,
+                events=[
+                    {
+                        "type": "approval_required",
+                        "id": c.tool_call_id,
+                        "name": c.tool_name,
+                        "args": c.args_as_dict(),
+                    }
+                    for c in waiting
+                ],
+            ),  # fmt: skip
+            start_to_close_timeout=timedelta(seconds=90),
+            retry_policy=_RETRY,
         )
         ids = [c.tool_call_id for c in waiting]
 
-        def answered() -> bool:
-            return all(i in state.decisions or _by_always(state, waiting, i) for i in ids)
+        def answered(i: str) -> bool:
+            return i in state.decisions or _by_always(state, waiting, i)
 
-        await workflow.wait_condition(answered)
-        answers = []
+        while not all(answered(i) for i in ids):
+            try:
+                await workflow.wait_condition(lambda: state.woken, timeout=RECHECK)
+            except TimeoutError:
+                pass
+            state.woken = False
+            for found in await workflow.execute_activity(
+                decisions,
+                DecisionsInput(
+                    execution_id=execution_id, ticket=ticket, call_ids=[i for i in ids if not answered(i)]
+                ),
+                start_to_close_timeout=timedelta(seconds=30),
+                retry_policy=_RETRY,
+            ):
+                state.record(found)
         for c in waiting:
             d = state.decisions.get(c.tool_call_id)
             approve = d.approve if d is not None else state.always[c.tool_name]
             results[c.tool_call_id] = True if approve else ToolDenied(DENIED)
-            answers.append(
-                {"type": "approval", "id": c.tool_call_id, "name": c.tool_name, "approved": approve,
-                 "always": bool(d.always) if d is not None else True}
-            )  # fmt: skip
-        await _notify(execution_id, answers)
     return requests.build_results(approvals=results)
 
 

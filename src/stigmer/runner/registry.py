@@ -15,8 +15,8 @@ def workflows() -> list[type]:
 
 
 def activities() -> list[Callable[..., Any]]:
-    from stigmer.runner.approvals import notify
+    from stigmer.runner.approvals import decisions, notify
     from stigmer.runner.health import pong
     from stigmer.runner.workflow import prepare
 
-    return [pong, prepare, notify]
+    return [pong, prepare, notify, decisions]

@@ -63,8 +63,10 @@ async def guarded(ctx: RunContext[Any], config: ToolConfig, work: Callable[[], A
 
     if config.approval == "required" and not ctx.tool_call_approved:
         raise ApprovalRequired(metadata={"tool": config.kind})
+    note = await _retried_note(ctx, config)
     try:
-        return await asyncio.wait_for(asyncio.to_thread(work), timeout=config.timeout + 5)
+        result = await asyncio.wait_for(asyncio.to_thread(work), timeout=config.timeout + 5)
+        return f"{note}\n{result}" if note and isinstance(result, str) else result
     except ToolFailure as e:
         return f"error: {e}"
     except StigmerError as e:  # the agent file's own settings are wrong (its workspace folder, say)
@@ -77,6 +79,26 @@ async def guarded(ctx: RunContext[Any], config: ToolConfig, work: Callable[[], A
             log.warning("%s failed on attempt %d, giving up: %s", config.kind, attempt, e)
             return f"error: the tool failed ({type(e).__name__}: {e})"
         raise  # Temporal tries the call again
+
+
+async def _retried_note(ctx: RunContext[Any], config: ToolConfig) -> str:
+    """A tool call tried again after its worker died (or its activity timed out) may have done part of
+    its work already: say so in the stream, and in the result that the model and the record get."""
+    attempt = activity.info().attempt if activity.in_activity() else 1
+    if attempt <= 1:
+        return ""
+    note = (
+        f"[note: this {config.kind} call is being run again (attempt {attempt}); an earlier attempt was "
+        "interrupted and may have run partly]"
+    )
+    from stigmer.runner.publish import post_events
+
+    await post_events(
+        ctx.deps.execution_id,
+        ctx.deps.ticket,
+        [{"type": "notice", "attempt": attempt, "text": note.strip("[]"), "tool_call": ctx.tool_call_id}],
+    )
+    return note
 
 
 def _add_workspace(toolset: FunctionToolset[Any], config: ToolConfig) -> None:
@@ -102,25 +124,34 @@ def _add_workspace(toolset: FunctionToolset[Any], config: ToolConfig) -> None:
 
 
 def _add_shell(toolset: FunctionToolset[Any], config: ToolConfig) -> None:
+    """`run_command(argv)`: a list of arguments; with `allow_shell_string: true` the same parameter also
+    takes a command line, run with `sh -c` (one parameter either way, so that approvals and the record
+    read alike, and a model that sends a list still works)."""
+    allow_string = bool(config.options.get("allow_shell_string", False))
+
+    def run(ctx: RunContext[Any], argv: list[str] | str) -> str:
+        from stigmer.tools import shell
+
+        result = shell.run(
+            argv,
+            cwd=_workspace(ctx).root,
+            timeout=config.timeout,
+            max_output=int(config.options.get("max_output", 64_000)),
+            allow_shell_string=allow_string,
+        )
+        status = "timed out" if result.timed_out else f"exit code {result.exit_code}"
+        return f"[{status}]\n{result.output}"
+
     async def run_command(ctx: RunContext[Any], argv: list[str]) -> Any:
         """Run a program in the workspace, given as a list of arguments, e.g. ["ls", "-l"]."""
+        return await guarded(ctx, config, lambda: run(ctx, argv))
 
-        def work() -> str:
-            from stigmer.tools import shell
+    async def run_shell_command(ctx: RunContext[Any], argv: list[str] | str) -> Any:
+        """Run a program in the workspace: a list of arguments, e.g. ["ls", "-l"], or a shell command
+        line, e.g. "ls -l | wc -l" (run with sh -c)."""
+        return await guarded(ctx, config, lambda: run(ctx, argv))
 
-            result = shell.run(
-                argv,
-                cwd=_workspace(ctx).root,
-                timeout=config.timeout,
-                max_output=int(config.options.get("max_output", 64_000)),
-                allow_shell_string=bool(config.options.get("allow_shell_string", False)),
-            )
-            status = "timed out" if result.timed_out else f"exit code {result.exit_code}"
-            return f"[{status}]\n{result.output}"
-
-        return await guarded(ctx, config, work)
-
-    toolset.add_function(run_command)
+    toolset.add_function(run_shell_command if allow_string else run_command, name="run_command")
 
 
 def _add_http(toolset: FunctionToolset[Any], config: ToolConfig) -> None:
@@ -145,45 +176,17 @@ def _add_http(toolset: FunctionToolset[Any], config: ToolConfig) -> None:
 
 
 # -- MCP servers ------------------------------------------------------------------------------------------
-_servers: dict[tuple[Any, ...], tuple[Any, Any]] = {}  # definition -> (toolset, transport)
-
-
 def mcp_toolset(config: ToolConfig) -> Any:
-    """The MCP server's toolset, one per worker process and server definition: the server process is
-    started on first use, reused by later calls, and stopped when the worker stops (close_servers).
-    Its tools are offered to the model as `<server>_<tool>`."""
-    from pydantic_ai.mcp import MCPToolset
+    """The MCP server's toolset, one server per worker process and server definition: started on first
+    use, reused by later calls, stopped when the worker stops (close_servers), and kept from misbehaving
+    (runner/mcp_servers.py). Its tools are offered to the model as `<server>_<tool>`."""
+    from stigmer.runner import mcp_servers
 
-    options = config.options
-    env_items = tuple(sorted((options.get("env") or {}).items()))
-    key = (config.name, tuple(options.get("command") or ()), options.get("url"), env_items)
-    if key in _servers:
-        return _servers[key][0]
-    transport: Any
-    if options.get("command"):
-        from fastmcp.client.transports import StdioTransport
-
-        from stigmer.services.env import PYTHON, child_env
-
-        argv = list(options["command"])
-        env = child_env(PYTHON, extra=dict(options.get("env") or {}))  # no secrets unless declared
-        transport = StdioTransport(command=argv[0], args=argv[1:], env=env, keep_alive=True)
-    else:
-        from fastmcp.client.transports import StreamableHttpTransport
-
-        transport = StreamableHttpTransport(str(options["url"]))
-    toolset: Any = MCPToolset(transport, id=f"mcp_{config.name}", max_retries=1).prefixed(config.name)
-    if config.approval == "required":
-        toolset = toolset.approval_required()
-    _servers[key] = (toolset, transport)
-    return toolset
+    return mcp_servers.toolset(config)
 
 
 async def close_servers() -> None:
     """Stop every MCP server process this worker started."""
-    for _toolset, transport in list(_servers.values()):
-        try:
-            await transport.close()
-        except Exception as e:  # noqa: BLE001 - stopping: report and go on
-            log.warning("stopping an MCP server: %s", e)
-    _servers.clear()
+    from stigmer.runner import mcp_servers
+
+    await mcp_servers.close_all()

@@ -8,41 +8,92 @@ few seconds; the supervisor reads that stamp as its health.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import sys
+import time
+from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from stigmer.config import store
 from stigmer.config.store import Settings
+from stigmer.errors import ErrorCode, StigmerError
+from stigmer.executions.contract import TASK_QUEUE
 from stigmer.paths import Paths
-from stigmer.server.specs import HEALTH_EVERY, RUNNER, TASK_QUEUE, health_file
+from stigmer.server.specs import HEALTH_EVERY, RUNNER, health_file
 
 log = logging.getLogger("stigmer.runner")
 
 CONNECT_ATTEMPTS = 30  # ~1 minute: Temporal may still be starting when the worker is
+API_PATIENCE = float(os.environ.get("STIGMER_RUNNER_API_PATIENCE") or 60)  # the API may be starting too
+API_CHECK_TICKS = 3  # every third health stamp (~6 s), the worker checks that the API answers
+GRACE = timedelta(seconds=10)
 
 
-async def connect(settings: Settings) -> object:
+async def connect(settings: Settings, paths: Paths) -> object:
     from pydantic_ai.durable_exec.temporal import PydanticAIPlugin
-    from temporalio.client import Client
+
+    from stigmer.server.temporal_client import connect as connect_temporal
+    from stigmer.server.temporal_client import explain_connect_error
 
     delay = 0.2
     for attempt in range(1, CONNECT_ATTEMPTS + 1):
         try:
             # The plugin brings pydantic payloads and registers the agent's own activities with the worker.
-            return await Client.connect(
-                settings.temporal.address, namespace=settings.temporal.namespace, plugins=[PydanticAIPlugin()]
-            )
+            return await connect_temporal(settings, paths, plugins=[PydanticAIPlugin()])
+        except StigmerError:
+            raise
         except Exception as e:  # noqa: BLE001 - temporalio raises RuntimeError for every connect failure
-            if attempt == CONNECT_ATTEMPTS:
-                raise
+            error = explain_connect_error(settings, e)
+            if attempt == CONNECT_ATTEMPTS or not error.code.retryable:
+                raise error from None  # a certificate or a key that is wrong stays wrong
             log.warning("Temporal at %s not reachable yet (%s); retrying", settings.temporal.address, e)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
     raise AssertionError("unreachable")
+
+
+async def check_api(paths: Paths, stop: asyncio.Event, *, patience: float = API_PATIENCE) -> bool:
+    """Before taking work: the API answers at its address, takes this worker's token, and encrypts with
+    the same payload key. A wrong token or key is an error at once (the worker does not start); an API
+    that does not answer is waited for, up to `patience` seconds (it may be starting, or restarting).
+    False when asked to stop meanwhile."""
+    from stigmer.runner.publish import api_url, hello
+    from stigmer.server.keys import PAYLOAD_KEY_ENV, key_id, payload_key
+
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            info = await hello()
+            break
+        except StigmerError as e:
+            if e.code is not ErrorCode.NOT_RUNNING or time.monotonic() > deadline:
+                raise
+        try:
+            await asyncio.wait_for(stop.wait(), 1.0)
+            return False
+        except TimeoutError:
+            pass
+    if info.get("key_id") != key_id(payload_key(paths)):
+        raise StigmerError(
+            f"This worker's payload key is not the one of the Stigmer server at {api_url()}.",
+            hint=f"Give the worker the server's $STIGMER_HOME/payload.key in {PAYLOAD_KEY_ENV}.",
+            code=ErrorCode.CONFIG_INVALID,
+        )
+    return True
+
+
+async def api_answers() -> bool:
+    from stigmer.runner.publish import hello
+
+    try:
+        await hello()
+        return True
+    except StigmerError:
+        return False
 
 
 def sandbox() -> Any:
@@ -74,31 +125,57 @@ async def serve(settings: Settings, paths: Paths, stop: asyncio.Event, stamp: Pa
 
     from stigmer.runner.registry import activities, workflows
 
-    client = await connect(settings)
-    assert isinstance(client, Client)
-    worker = Worker(
-        client,
-        task_queue=TASK_QUEUE,
-        workflows=workflows(),
-        activities=activities(),
-        workflow_runner=sandbox(),
-    )
-    async with worker:
-        log.info("polling task queue %s on %s", TASK_QUEUE, settings.temporal.address)
-        warming = asyncio.create_task(asyncio.to_thread(warm_up))
-        warming.add_done_callback(_warmed)
-        while not stop.is_set():
-            if stamp is not None:
-                stamp.parent.mkdir(parents=True, exist_ok=True)
-                stamp.touch()
-            try:
-                await asyncio.wait_for(stop.wait(), HEALTH_EVERY)
-            except TimeoutError:
-                pass
+    if not await check_api(paths, stop):
+        return
+    client = cast(Client, await connect(settings, paths))
+    warming = asyncio.create_task(asyncio.to_thread(warm_up))
+    warming.add_done_callback(_warmed)
+    while not stop.is_set():
+        worker = Worker(
+            client,
+            task_queue=TASK_QUEUE,
+            workflows=workflows(),
+            activities=activities(),
+            workflow_runner=sandbox(),
+            graceful_shutdown_timeout=GRACE,  # pausing lets the calls in flight finish
+        )
+        async with worker:
+            log.info("polling task queue %s on %s", TASK_QUEUE, settings.temporal.address)
+            lost = await _poll(stop, stamp)
+        if lost:
+            # Executions taken now could not report: take none until the API is back.
+            log.warning("the Stigmer API stopped answering: this worker takes no work until it is back")
+            while not stop.is_set() and not await api_answers():
+                _stamp(stamp)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), HEALTH_EVERY)
+            log.info("the Stigmer API answers again: taking work")
     from stigmer.runner.tools import close_servers
 
     await close_servers()  # the MCP server processes this worker started
     log.info("worker stopped")
+
+
+async def _poll(stop: asyncio.Event, stamp: Path | None) -> bool:
+    """Stamp the health file while the worker polls; True when the API stopped answering."""
+    misses = 0
+    ticks = 0
+    while not stop.is_set():
+        _stamp(stamp)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), HEALTH_EVERY)
+        ticks += 1
+        if ticks % API_CHECK_TICKS == 0 and not stop.is_set():
+            misses = 0 if await api_answers() else misses + 1
+            if misses >= 2:  # one miss may be a restart of a second
+                return True
+    return False
+
+
+def _stamp(stamp: Path | None) -> None:
+    if stamp is not None:
+        stamp.parent.mkdir(parents=True, exist_ok=True)
+        stamp.touch()
 
 
 def _warmed(task: asyncio.Task[None]) -> None:
@@ -115,6 +192,9 @@ def main(*, stamp: bool = True) -> int:
     paths = Paths.from_env()
     settings = store.load(paths)
     stamp_file = health_file(paths, RUNNER) if stamp else None
+    from stigmer.tools import procs
+
+    procs.setup()  # kill what the tool calls of a dead worker left running (stigmer/tools/procs.py)
 
     async def run() -> None:
         stop = asyncio.Event()
@@ -131,6 +211,10 @@ def main(*, stamp: bool = True) -> int:
         asyncio.run(run())
     except KeyboardInterrupt:
         pass
+    except StigmerError as e:
+        log.error("%s %s", e.message, e.hint or "")
+        print(f"✗ {e.message}\n  {e.hint}" if e.hint else f"✗ {e.message}", file=sys.stderr)
+        code = e.code.exit_code
     except Exception:
         log.exception("the agent runner failed")
         code = 1

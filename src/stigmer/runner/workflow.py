@@ -1,6 +1,7 @@
-"""An agent execution as a Temporal workflow (workflow id = execution id): pick the LLM on the worker,
-say the execution started, run the agent (model requests and tool calls are activities), return what
-it produced. The workflow only coordinates; every side effect is an activity.
+"""An agent execution as a Temporal workflow (workflow id = execution id): claim the execution from the
+API (what to run comes from there, never from the workflow input: see executions/contract.py), pick the
+LLM on the worker, run the agent (model requests and tool calls are activities), return what it
+produced. The workflow only coordinates; every side effect is an activity.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import socket
 from datetime import timedelta
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from pydantic_ai.durable_exec.temporal import PydanticAIWorkflow
 from pydantic_ai.exceptions import ModelAPIError
 from pydantic_ai.settings import ModelSettings
@@ -21,24 +22,11 @@ from temporalio.exceptions import ActivityError, ApplicationError
 with workflow.unsafe.imports_passed_through():
     from stigmer.agents.spec import AgentSpec
     from stigmer.agents.tools import tool_configs
+    from stigmer.executions.contract import WAKE_SIGNAL, WORKFLOW
+    from stigmer.executions.messages import ExecutionRef, RunSpec
     from stigmer.runner.agent import MODEL_PREFIX, RunDeps, agent, tool_agent
-    from stigmer.runner.approvals import Approvals, Decision
+    from stigmer.runner.approvals import Approvals
     from stigmer.runner.llm import LlmTarget
-
-WORKFLOW = "stigmer.AgentExecution"
-
-
-class ExecutionInput(BaseModel):
-    execution_id: str
-    agent: str
-    instructions: str
-    message: str
-    model: str | None = None
-    temperature: float | None = None
-    max_tokens: int | None = None
-    tools: list[Any] = []  # as the agent file declares them
-    mcp_servers: list[dict[str, Any]] = []
-    workspace: str | None = None
 
 
 class ExecutionOutput(BaseModel):
@@ -53,31 +41,44 @@ class ExecutionOutput(BaseModel):
     messages: list[dict[str, Any]]
 
 
-class PrepareInput(BaseModel):
-    execution_id: str
-    model: str | None = None
+class Prepared(BaseModel):
+    target: LlmTarget
+    spec: RunSpec
+
+
+class Refused(ApplicationError):
+    pass
 
 
 @activity.defn(name="stigmer.prepare")
-async def prepare(inp: PrepareInput) -> LlmTarget:
-    """Choose the LLM from this worker's configuration, and tell the API the execution started."""
+async def prepare(ref: ExecutionRef) -> Prepared:
+    """Claim the execution from the API with its ticket (what to run comes back), then choose the LLM
+    from this worker's configuration. A ticket the API does not know fails the workflow for good."""
     from stigmer.runner import llm
-    from stigmer.runner.publish import post_events
+    from stigmer.runner.publish import Refused as ApiRefused
+    from stigmer.runner.publish import call
 
-    target = llm.resolve(inp.model)
-    await post_events(
-        inp.execution_id,
-        [
-            {
-                "type": "started",
-                "provider": target.provider,
-                "model": target.model,
-                "endpoint": target.shown,
-                "worker": f"{socket.gethostname()}:{os.getpid()}",
-            }
-        ],
+    info = activity.info()
+    workflow_id = info.workflow_id or ""
+    if ref.execution_id != workflow_id:
+        raise Refused(
+            f"input for {ref.execution_id[:80]!r} given to workflow {workflow_id[:80]!r}",
+            non_retryable=True,
+        )
+    # The LLM first: the claim tells the API which one runs the execution.
+    body: dict[str, Any] = {"ticket": ref.ticket, "run_id": info.workflow_run_id,
+                            "worker": f"{socket.gethostname()}:{os.getpid()}"}  # fmt: skip
+    try:
+        claimed = await call(f"/executions/{ref.execution_id}/claim", body)
+    except ApiRefused as e:
+        raise Refused(f"Stigmer's API refused to run this execution: {e}", non_retryable=True) from None
+    spec = RunSpec.model_validate(claimed)
+    target = llm.resolve(spec.model)
+    await call(
+        f"/executions/{ref.execution_id}/claim",
+        {**body, "provider": target.provider, "model": target.model, "endpoint": target.shown},
     )
-    return target
+    return Prepared(target=target, spec=spec)
 
 
 def _root(e: BaseException) -> str:
@@ -94,21 +95,36 @@ class AgentExecution(PydanticAIWorkflow, Approvals):
     def __init__(self) -> None:
         Approvals.__init__(self)
 
-    @workflow.signal
-    def decide(self, decision: Decision) -> None:
-        """An answer to a tool call waiting for approval (from `stigmer execution approve|deny`)."""
-        self.record(decision)
+    @workflow.signal(name=WAKE_SIGNAL)
+    def wake(self, *_ignored: Any) -> None:
+        """The API recorded a decision: read the decisions again (the signal itself carries nothing)."""
+        self.woken = True
 
     @workflow.run
-    async def run(self, inp: ExecutionInput) -> ExecutionOutput:
+    async def run(self, given: dict[str, Any]) -> ExecutionOutput:
+        # Taken as a plain mapping and checked here: an input of another shape (a workflow that
+        # something other than Stigmer's API started) fails the workflow, rather than its task forever.
+        try:
+            ref = ExecutionRef.model_validate(given)
+        except ValidationError:
+            workflow.logger.warning("refused a workflow whose input did not come from Stigmer's API")
+            raise Refused(
+                "This workflow was not started by Stigmer's API: it runs nothing.", non_retryable=True
+            ) from None
         # A local activity: it runs in this worker within the same workflow task, without a round trip
         # through Temporal's task queue (the LLM is this worker's to choose anyway).
-        target = await workflow.execute_local_activity(
+        prepared = await workflow.execute_local_activity(
             prepare,
-            PrepareInput(execution_id=inp.execution_id, model=inp.model),
-            start_to_close_timeout=timedelta(seconds=60),
-            retry_policy=RetryPolicy(maximum_attempts=5, maximum_interval=timedelta(seconds=10)),
+            ref,
+            start_to_close_timeout=timedelta(seconds=30),
+            # Tried again while the API restarts or the LLM's configuration cannot be read, for a while;
+            # never after the API said no.
+            schedule_to_close_timeout=timedelta(minutes=3),
+            retry_policy=RetryPolicy(
+                maximum_interval=timedelta(seconds=5), non_retryable_error_types=["Refused"]
+            ),
         )
+        target, inp = prepared.target, prepared.spec
         settings = ModelSettings()
         if inp.temperature is not None:
             settings["temperature"] = inp.temperature
@@ -122,6 +138,7 @@ class AgentExecution(PydanticAIWorkflow, Approvals):
                 model=MODEL_PREFIX + target.model,
                 deps=RunDeps(
                     execution_id=inp.execution_id,
+                    ticket=ref.ticket,
                     target=target,
                     agent=inp.agent,
                     tools=tools,
@@ -131,6 +148,10 @@ class AgentExecution(PydanticAIWorkflow, Approvals):
                 model_settings=settings,
             )
         except (ActivityError, ModelAPIError) as e:
+            from stigmer.runner.mcp_servers import setup_failure
+
+            if (server_failed := setup_failure(e)) is not None:  # an MCP server that cannot start: name it
+                raise ApplicationError(server_failed, non_retryable=True) from e
             # pydantic-ai turns a model activity that failed every attempt into its own error: name the LLM.
             raise ApplicationError(
                 f"The LLM at {target.shown} ({target.provider}, model {target.model}) failed after "
@@ -152,14 +173,14 @@ class AgentExecution(PydanticAIWorkflow, Approvals):
         )
 
 
-def _tools(inp: ExecutionInput) -> list[dict[str, Any]]:
+def _tools(inp: RunSpec) -> list[dict[str, Any]]:
     from dataclasses import asdict
 
     spec = AgentSpec(name=inp.agent, tools=inp.tools, mcp_servers=inp.mcp_servers)
     return [asdict(c) for c in tool_configs(spec)]
 
 
-def _messages(inp: ExecutionInput, history: list[Any]) -> list[dict[str, Any]]:
+def _messages(inp: RunSpec, history: list[Any]) -> list[dict[str, Any]]:
     """The conversation as the record keeps it: user, assistant text, tool calls and their results."""
     from pydantic_ai.messages import (
         ModelRequest,

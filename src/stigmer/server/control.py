@@ -236,9 +236,15 @@ def fetch_status(paths: Paths, *, timeout: float = 5.0) -> dict[str, Any] | None
     from stigmer.server.token import read_token
 
     state = st.read(paths)
-    token = read_token(paths)
-    if state is None or token is None:
+    if state is None:
         return None
+    token = read_token(paths)
+    if token is None:
+        from stigmer.server.state import daemon_record
+
+        if daemon_record(paths) is None:
+            return None
+        raise token_missing(paths)
     from stigmer.server.client import ApiClient  # http.client: only when there is a server to ask
 
     try:
@@ -247,11 +253,11 @@ def fetch_status(paths: Paths, *, timeout: float = 5.0) -> dict[str, Any] | None
         if e.code is not ErrorCode.NOT_RUNNING:
             raise
         from stigmer.server.state import daemon_record
+        from stigmer.server.status import server_status, unsupervised
 
-        if daemon_record(paths) is None:
-            return None
+        if daemon_record(paths) is None and not unsupervised(paths):
+            return None  # nothing runs (services left by a killed daemon are shown, with what to do)
         from stigmer.config import store
-        from stigmer.server.status import server_status
 
         return server_status(store.load(paths), paths)
     return data if isinstance(data, dict) else None
@@ -263,11 +269,82 @@ def api(paths: Paths) -> Any:
     from stigmer.server.token import read_token
 
     state = st.read(paths)
-    token = read_token(paths)
-    if state is None or token is None or not is_running(paths):
+    if state is None or not is_running(paths):
         raise StigmerError(
             "The Stigmer server is not running.",
             hint="Start it with: stigmer server",
             code=ErrorCode.NOT_RUNNING,
         )
+    token = read_token(paths)
+    if token is None:
+        raise token_missing(paths)
     return ApiClient(state.api_url, token)
+
+
+def token_missing(paths: Paths) -> StigmerError:
+    """The server runs, but the token file that lets a command use it is gone."""
+    from stigmer.server.token import token_path
+
+    return StigmerError(
+        f"The Stigmer server is running, but its API token file {token_path(paths)} is missing, so this "
+        "command cannot use it (unauthorized).",
+        hint="Repair it with: stigmer server    (it writes a new token and restarts the API with it)",
+        code=ErrorCode.UNAUTHORIZED,
+    )
+
+
+def reset_token(paths: Paths) -> bool:
+    """`stigmer server` with the daemon ready, when the API refuses this command's token: api.token was
+    removed (or replaced) while the server ran. The API reads the token when it starts, so this writes
+    a new token file (when there is none) and stops the API: the daemon's supervisor restarts it (with
+    the daemon's environment) and it reads the file; wait_for_api() follows that. A missing file never
+    opens the API: it keeps its old token until it is restarted with the new one. (Workers show the
+    API their own token, worker.token: they are not restarted.)
+
+    The caller holds the control lock and lets it go before waiting (the supervisor restarts only
+    without it). False when there is nothing to repair here: the token comes from STIGMER_API_TOKEN."""
+    from stigmer.server import specs
+    from stigmer.server.token import ENV, ensure_token
+    from stigmer.services.manager import Services
+
+    if os.environ.get(ENV) or not is_running(paths):
+        return False
+    ensure_token(paths)
+    Services(paths).stop(specs.API, timeout=10)
+    return True
+
+
+def wait_for_api(paths: Paths, *, timeout: float = 90.0) -> dict[str, Any]:
+    """After reset_token(): the API's status once the restarted API answers with the token in the file."""
+    from stigmer.server.client import ApiClient
+    from stigmer.server.token import read_token
+
+    deadline = time.monotonic() + timeout
+    while True:
+        state, token = st.read(paths), read_token(paths)
+        if state is not None and token is not None:
+            try:
+                data = ApiClient(state.api_url, token, timeout=5).get("/v1/status")
+            except StigmerError as e:
+                if e.code is ErrorCode.UNAUTHORIZED:  # the API was restarted: it reads its token elsewhere
+                    raise StigmerError(
+                        "The restarted Stigmer API does not accept the token in "
+                        f"{paths.home / 'api.token'} either.",
+                        hint="The server was started with STIGMER_API_TOKEN set: start it again in that "
+                        "environment, or: stigmer server restart",
+                        code=ErrorCode.UNAUTHORIZED,
+                    ) from None
+                if e.code is not ErrorCode.NOT_RUNNING:
+                    raise
+            else:
+                if isinstance(data, dict):
+                    return data
+        if time.monotonic() > deadline:
+            raise StigmerError(
+                f"The Stigmer API did not come back within {timeout:.0f} seconds after it was stopped "
+                "to read the API token again.",
+                hint="See: stigmer server status    stigmer server logs -c server    "
+                "(stigmer server restart starts everything again)",
+                code=ErrorCode.START_FAILED,
+            )
+        time.sleep(0.2)

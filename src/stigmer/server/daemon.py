@@ -120,9 +120,17 @@ class TemporalService:
                 "Stop it, then run: stigmer server",
                 code=ErrorCode.BUSY,
             )
+        from stigmer.server.api.temporal_ui import free_blocked_port
+
         self.http_port = free_port()
+        # The UI and the metrics on ports no browser connects to: neither can refuse a foreign Host.
+        ui_internal = free_blocked_port() if self.settings.temporal.ui_port else 0
         spec = specs.temporal_spec(
-            self.settings, self.paths, http_port=self.http_port, metrics_port=free_port()
+            self.settings,
+            self.paths,
+            http_port=self.http_port,
+            metrics_port=free_blocked_port({ui_internal}),
+            ui_internal_port=ui_internal,
         )
         from dataclasses import replace
 
@@ -214,10 +222,12 @@ def _serve(settings: Settings, paths: Paths, stop: threading.Event, under_lock: 
     from stigmer.llm import active
     from stigmer.llm.provider import stop_llm
     from stigmer.llm.setup import SetupResult, setup
+    from stigmer.server.keys import ensure_keys
     from stigmer.server.token import ensure_token
     from stigmer.services.lock import control_lock
 
     ensure_token(paths)
+    ensure_keys(paths)  # before the API and the worker start: both read them
     state = st.DaemonState(
         pid=os.getpid(),
         started=time.time(),
@@ -235,7 +245,7 @@ def _serve(settings: Settings, paths: Paths, stop: threading.Event, under_lock: 
             members, external = plan(settings, paths)
             state.services.update(external)
             if settings.temporal.managed and settings.temporal.ui_port:
-                state.web_ui = f"http://localhost:{settings.temporal.ui_port}"
+                state.web_ui = f"http://127.0.0.1:{settings.temporal.ui_port}"
             supervisor = Supervisor(settings, paths, services=members, daemon_state=state, interval=interval)
             supervisor.save()
             # Temporal, the API and the worker start while the LLM is set up: none of them needs it.

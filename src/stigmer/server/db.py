@@ -7,6 +7,8 @@ WAL mode lets readers (`stigmer execution list` through the API, a backup) go on
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import sqlite3
 import threading
@@ -15,6 +17,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from stigmer.errors import ErrorCode, StigmerError
 
 MIGRATIONS: list[str] = [
     # 1: agents, executions, messages, events
@@ -76,24 +80,113 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (execution_id, call_id)
     );
     """,
+    # 3: what to run (the agent as it was when the execution was created) and who may run it: the ticket
+    # the workflow input carries, the Temporal run the API started; cancels asked through the API;
+    # "always" answers
+    """
+    ALTER TABLE executions ADD COLUMN spec TEXT;
+    ALTER TABLE executions ADD COLUMN ticket TEXT;
+    ALTER TABLE executions ADD COLUMN run_id TEXT;
+    ALTER TABLE executions ADD COLUMN cancel_requested REAL;
+    ALTER TABLE approvals ADD COLUMN always INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE events ADD COLUMN batch TEXT;
+    CREATE INDEX events_by_batch ON events (execution_id, batch) WHERE batch IS NOT NULL;
+    """,
 ]
 
 TERMINAL = ("COMPLETED", "FAILED", "CANCELLED")
 
 
+# SQLite's primary result codes (sqlite3.Error.sqlite_errorcode & 0xFF) that are about the disk or the file
+SQLITE_PERM, SQLITE_READONLY, SQLITE_IOERR, SQLITE_CORRUPT = 3, 8, 10, 11
+SQLITE_FULL, SQLITE_CANTOPEN, SQLITE_NOTADB = 13, 14, 26
+LOW_SPACE = 8 * 1024 * 1024  # an I/O error with less than this free on the disk is the disk being full
+
+
+def disk_full(path: Path) -> StigmerError:
+    return StigmerError(
+        f"The disk holding {path} is full: the Stigmer server cannot record what happens.",
+        hint=f"Free some space there (df -h {path.parent}), then try again: nothing needs restarting.",
+        code=ErrorCode.DISK_FULL,
+    )
+
+
+def storage_error(e: BaseException, path: Path) -> StigmerError | None:
+    """A sqlite3 or OS error of the database's file as a StigmerError naming it: a full disk (DISK_FULL),
+    a damaged file (STORE_CORRUPT), one that cannot be opened or written (FILESYSTEM). None for the
+    others (a mistake in our SQL stays a bug with its traceback)."""
+    if isinstance(e, OSError):
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return disk_full(path)
+        return StigmerError(
+            f"The Stigmer database {path} cannot be used: {e.strerror or e}.",
+            hint=f"Check that {path.parent} is yours and writable: ls -ld {path.parent}",
+            code=ErrorCode.FILESYSTEM,
+        )
+    if not isinstance(e, sqlite3.Error):
+        return None
+    primary = (getattr(e, "sqlite_errorcode", 0) or 0) & 0xFF
+    if primary == SQLITE_FULL or (primary == SQLITE_IOERR and low_space(path.parent)):
+        return disk_full(path)
+    if primary in (SQLITE_CORRUPT, SQLITE_NOTADB):
+        return StigmerError(
+            f"The Stigmer database {path} is damaged ({e}).",
+            hint="Move it aside, and the server starts with a new, empty one (the agents applied and the "
+            "execution history stay in the old file):\n"
+            f"  stigmer server stop && mv {path} {path}.damaged && rm -f {path}-wal {path}-shm && stigmer server",
+            code=ErrorCode.STORE_CORRUPT,
+        )
+    if primary in (SQLITE_IOERR, SQLITE_CANTOPEN, SQLITE_READONLY, SQLITE_PERM):
+        return StigmerError(
+            f"The Stigmer database {path} cannot be read or written ({e}).",
+            hint=f"Check the file and its folder (ls -l {path.parent}) and the disk (dmesg).",
+            code=ErrorCode.FILESYSTEM,
+        )
+    return None
+
+
+def low_space(folder: Path) -> bool:
+    """Less than LOW_SPACE free on the disk of `folder`: an I/O error there is the disk being full (also
+    for Temporal's database, data/temporal.db)."""
+    import shutil
+
+    try:
+        return shutil.disk_usage(folder).free < LOW_SPACE
+    except OSError:
+        return False
+
+
+@contextmanager
+def storage_errors(path: Path) -> Iterator[None]:
+    """Errors of the database's disk or file as StigmerError (see storage_error), the rest unchanged."""
+    try:
+        yield
+    except (sqlite3.Error, OSError) as e:
+        error = storage_error(e, path)
+        if error is None:
+            raise
+        raise error from e
+
+
 class Database:
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.path = path
-        self._conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30)
-        self._conn.row_factory = sqlite3.Row
         self._lock = threading.RLock()
-        path.chmod(0o600)
-        with self._lock:
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute("PRAGMA foreign_keys=ON")
-            self._conn.execute("PRAGMA synchronous=NORMAL")
-        self.migrate()
+        with storage_errors(path):
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self._conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30)
+        try:
+            with storage_errors(path):
+                self._conn.row_factory = sqlite3.Row
+                path.chmod(0o600)
+                with self._lock:
+                    self._conn.execute("PRAGMA journal_mode=WAL")
+                    self._conn.execute("PRAGMA foreign_keys=ON")
+                    self._conn.execute("PRAGMA synchronous=NORMAL")
+                self.migrate()
+        except BaseException:
+            self._conn.close()
+            raise
 
     def close(self) -> None:
         with self._lock:
@@ -101,17 +194,22 @@ class Database:
 
     @contextmanager
     def tx(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
+        """One write transaction. A full disk (or any error) rolls it back and leaves the connection
+        ready for the next one: nothing is left half-open to block later writes once there is space."""
+        with self._lock, storage_errors(self.path):
             self._conn.execute("BEGIN IMMEDIATE")
             try:
                 yield self._conn
+                self._conn.execute("COMMIT")
             except BaseException:
-                self._conn.execute("ROLLBACK")
+                # SQLite has rolled back by itself after some errors (SQLITE_FULL): ROLLBACK would fail
+                if self._conn.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        self._conn.execute("ROLLBACK")
                 raise
-            self._conn.execute("COMMIT")
 
     def query(self, sql: str, *args: Any) -> list[sqlite3.Row]:
-        with self._lock:
+        with self._lock, storage_errors(self.path):
             return list(self._conn.execute(sql, args))
 
     def migrate(self) -> int:
@@ -218,17 +316,40 @@ class Database:
         return out
 
     # -- events ------------------------------------------------------------------------------------------
-    def add_event(self, exec_id: str, kind: str, data: dict[str, Any]) -> int:
+    def add_event(self, exec_id: str, kind: str, data: dict[str, Any], *, batch: str | None = None) -> int:
+        """Store an event; `batch` marks the first event of a worker's batch, so a resent batch is known."""
         with self.tx() as c:
             row = c.execute(
                 "SELECT COALESCE(MAX(seq), 0) FROM events WHERE execution_id = ?", (exec_id,)
             ).fetchone()
             seq = int(row[0]) + 1
             c.execute(
-                "INSERT INTO events (execution_id, seq, kind, data, created) VALUES (?, ?, ?, ?, ?)",
-                (exec_id, seq, kind, json.dumps(data), time.time()),
+                "INSERT INTO events (execution_id, seq, kind, data, created, batch) VALUES (?, ?, ?, ?, ?, ?)",
+                (exec_id, seq, kind, json.dumps(data), time.time(), batch),
             )
         return seq
+
+    def add_events(
+        self, exec_id: str, events: list[tuple[str, dict[str, Any]]], *, batch: str | None
+    ) -> None:
+        """A worker's batch in one transaction: all of it is stored, or none (a resend then stores it)."""
+        with self.tx() as c:
+            row = c.execute(
+                "SELECT COALESCE(MAX(seq), 0) FROM events WHERE execution_id = ?", (exec_id,)
+            ).fetchone()
+            seq = int(row[0])
+            now = time.time()
+            for i, (kind, data) in enumerate(events):
+                seq += 1
+                c.execute(
+                    "INSERT INTO events (execution_id, seq, kind, data, created, batch) VALUES (?, ?, ?, ?, ?, ?)",
+                    (exec_id, seq, kind, json.dumps(data), now, batch if i == 0 else None),
+                )
+
+    def has_batch(self, exec_id: str, batch: str) -> bool:
+        return bool(
+            self.query("SELECT 1 FROM events WHERE execution_id = ? AND batch = ? LIMIT 1", exec_id, batch)
+        )
 
     def events(self, exec_id: str, after: int = 0) -> list[tuple[int, str, dict[str, Any]]]:
         rows = self.query(
@@ -264,4 +385,43 @@ class Database:
                     (decision, time.time(), exec_id, call_id),
                 ).rowcount
                 > 0
+            )
+
+    def decide_calls(self, exec_id: str, call_ids: list[str], decision: str, *, always: bool) -> list[str]:
+        """Record one decision for the calls still undecided, in one transaction; the ones it decided.
+        A call decided before keeps its first decision (one decision per call)."""
+        decided = []
+        with self.tx() as c:
+            for call_id in call_ids:
+                if c.execute(
+                    "UPDATE approvals SET decision = ?, decided = ?, always = ? "
+                    "WHERE execution_id = ? AND call_id = ? AND decision IS NULL",
+                    (decision, time.time(), int(always), exec_id, call_id),
+                ).rowcount:
+                    decided.append(call_id)
+        return decided
+
+    def approval(self, exec_id: str, call_id: str) -> dict[str, Any] | None:
+        rows = self.query(
+            "SELECT call_id, tool, args, decision, always FROM approvals WHERE execution_id = ? AND call_id = ?",
+            exec_id,
+            call_id,
+        )
+        if not rows:
+            return None
+        r = rows[0]
+        return {
+            "call_id": r["call_id"],
+            "tool": r["tool"],
+            "args": json.loads(r["args"]),
+            "decision": r["decision"],
+            "always": bool(r["always"]),
+        }
+
+    def close_approvals(self, exec_id: str, decision: str) -> None:
+        """An execution that ended waits for nothing: its open approvals are closed with `decision`."""
+        with self.tx() as c:
+            c.execute(
+                "UPDATE approvals SET decision = ?, decided = ? WHERE execution_id = ? AND decision IS NULL",
+                (decision, time.time(), exec_id),
             )

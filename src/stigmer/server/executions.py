@@ -1,41 +1,56 @@
 """Executions, as the API runs them: a record in SQLite (PENDING -> IN_PROGRESS -> COMPLETED | FAILED |
 CANCELLED), a Temporal workflow doing the work (workflow id = execution id), and a stream of events.
 
-The worker sends events as they happen (POST .../events); they are stored with a sequence number and
-fanned out to every listener, so a client that connects late, or reconnects with Last-Event-ID, gets
-what it missed first. The outcome comes from Temporal itself: a watcher awaits each workflow's result
-(also after the API restarts) and writes the final record, so a failed activity can never leave a
-client waiting on a stream that will not end.
+Trust (see executions/contract.py): the workflow input is only the execution id and a ticket; a worker
+claims the execution with that ticket and gets what to run from here. Workers post the events of the
+run (deltas, tool calls, approval requests) with the same ticket; the terminal states come only from
+Temporal's outcome, which a watcher awaits for each workflow (also after the API restarts), and
+decisions only from this API, recorded here atomically before the workflow is woken to read them.
+
+Events are stored with a sequence number and fanned out to every listener, so a client that connects
+late, or reconnects with Last-Event-ID, gets what it missed first.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from stigmer.agents.spec import BUILTIN, DEFAULT_AGENT, AgentSpec, from_dict
 from stigmer.config.store import Settings
 from stigmer.errors import ErrorCode, StigmerError
+from stigmer.executions.contract import (
+    END_EVENTS,
+    TASK_QUEUE,
+    WAKE_SIGNAL,
+    WORKER_EVENTS,
+    WORKFLOW,
+    EventKind,
+    ExecutionState,
+)
+from stigmer.executions.messages import ClaimRequest, Decision, ExecutionRef, RunSpec
+from stigmer.paths import Paths
 from stigmer.server.db import TERMINAL, Database
-from stigmer.server.specs import TASK_QUEUE
+from stigmer.server.token import same
 
 log = logging.getLogger(__name__)
 
-PENDING, IN_PROGRESS, COMPLETED, FAILED, CANCELLED = (
-    "PENDING",
-    "IN_PROGRESS",
-    "COMPLETED",
-    "FAILED",
-    "CANCELLED",
+PENDING, IN_PROGRESS, COMPLETED, FAILED, CANCELLED, WAITING_APPROVAL = (
+    ExecutionState.PENDING.value,
+    ExecutionState.IN_PROGRESS.value,
+    ExecutionState.COMPLETED.value,
+    ExecutionState.FAILED.value,
+    ExecutionState.CANCELLED.value,
+    ExecutionState.WAITING_APPROVAL.value,
 )
-WAITING_APPROVAL = "WAITING_APPROVAL"
 MAX_MESSAGE = 100_000
-WORKFLOW = "stigmer.AgentExecution"  # the runner's workflow, started by name: the API imports no agent code
+START_WAIT = 10.0  # how long a claim waits for the API's own start_workflow call to return its run id
 
 
 def not_found(exec_id: str) -> StigmerError:
@@ -47,40 +62,43 @@ def not_found(exec_id: str) -> StigmerError:
 
 
 class Executions:
-    def __init__(self, db: Database, settings: Settings) -> None:
+    def __init__(self, db: Database, settings: Settings, paths: Paths) -> None:
         self.db = db
         self.settings = settings
+        self.paths = paths
         self._client: Any = None
-        self._connecting: asyncio.Task[Any] | None = None
         self._changed: dict[str, asyncio.Condition] = {}
         self._watchers: dict[str, asyncio.Task[None]] = {}
+        self._starting: dict[str, asyncio.Event] = {}  # start_workflow in flight: its run id is coming
 
     # -- Temporal -----------------------------------------------------------------------------------------
     async def client(self) -> Any:
         """The Temporal client, connected on first use (Temporal may start after the API)."""
         if self._client is not None:
             return self._client
-        from temporalio.client import Client
+        from stigmer.server.temporal_client import connect, explain_connect_error
 
-        t = self.settings.temporal
         deadline = time.monotonic() + 30
         while True:
             try:
-                self._client = await Client.connect(t.address, namespace=t.namespace)
+                self._client = await connect(self.settings, self.paths)
                 return self._client
+            except StigmerError:
+                raise
             except Exception as e:  # noqa: BLE001 - temporalio raises RuntimeError for all of these
-                if time.monotonic() > deadline:
-                    raise StigmerError(
-                        f"Temporal at {t.address} cannot be reached: {e}.",
-                        hint="See the server's status: stigmer server status",
-                        code=ErrorCode.NOT_RUNNING,
-                    ) from None
+                error = explain_connect_error(self.settings, e)
+                if not error.code.retryable or time.monotonic() > deadline:
+                    raise error from None  # a certificate or a key that is wrong stays wrong
                 await asyncio.sleep(0.5)
 
     async def resume(self) -> None:
-        """After a start: watch every execution that had not finished (the API may have restarted)."""
+        """After a start: watch every execution that had not finished (the API may have restarted), and
+        wake those waiting for approval, in case a decision was recorded but its wake-up was lost."""
         for exec_id in self.db.unfinished():
             self._watch(exec_id)
+            row = self.db.get_execution(exec_id) or {}
+            if row.get("state") == WAITING_APPROVAL:
+                asyncio.get_running_loop().create_task(self._wake(exec_id))
 
     # -- agents -------------------------------------------------------------------------------------------
     def agent(self, name: str) -> AgentSpec:
@@ -115,29 +133,51 @@ class Executions:
         spec = self.agent(agent_name)
         client = await self.client()
         exec_id = "ex-" + secrets.token_hex(8)
+        ticket = secrets.token_urlsafe(24)
+        run = RunSpec(
+            execution_id=exec_id,
+            agent=spec.name,
+            instructions=spec.instructions,
+            message=message,
+            model=spec.model,
+            temperature=spec.temperature,
+            max_tokens=spec.max_tokens,
+            tools=spec.tools,
+            mcp_servers=spec.mcp_servers,
+            workspace=spec.workspace,
+        )
         self.db.create_execution(exec_id, spec.name, message, spec.model or self.settings.llm.model)
-        self.publish(exec_id, "pending", {"agent": spec.name})
-        payload = {
-            "execution_id": exec_id,
-            "agent": spec.name,
-            "instructions": spec.instructions,
-            "message": message,
-            "model": spec.model,
-            "temperature": spec.temperature,
-            "max_tokens": spec.max_tokens,
-            "tools": spec.tools,
-            "mcp_servers": spec.mcp_servers,
-            "workspace": spec.workspace,
-        }
         try:
-            await client.start_workflow(WORKFLOW, payload, id=exec_id, task_queue=TASK_QUEUE)
+            self.db.update_execution(exec_id, spec=run.model_dump_json(), ticket=ticket)
+            self.publish(exec_id, EventKind.PENDING, {"agent": spec.name})
+        except Exception:
+            with contextlib.suppress(Exception):  # a full disk: no record left PENDING without a workflow
+                self.db.update_execution(exec_id, state=FAILED, finished=time.time(), error="Not started.")
+            raise
+        started = self._starting[exec_id] = asyncio.Event()
+        try:
+            handle = await client.start_workflow(
+                WORKFLOW,
+                ExecutionRef(execution_id=exec_id, ticket=ticket).model_dump(),
+                id=exec_id,
+                task_queue=TASK_QUEUE,
+            )
+            self.db.update_execution(exec_id, run_id=handle.result_run_id)
         except Exception as e:  # noqa: BLE001
-            self._finish(exec_id, FAILED, error=f"The workflow could not be started: {e}")
+            with contextlib.suppress(Exception):
+                self._finish(exec_id, FAILED, error=f"The workflow could not be started: {e}")
+            from stigmer.server.db import disk_full, low_space
+
+            if low_space(self.paths.data_dir):  # Temporal's own database cannot grow
+                raise disk_full(self.paths.data_dir / "temporal.db") from None
             raise StigmerError(
                 f"The execution could not be started: {e}.",
                 code=ErrorCode.NOT_RUNNING,
                 hint="stigmer server status",
             ) from None
+        finally:
+            started.set()
+            self._starting.pop(exec_id, None)
         self._watch(exec_id)
         return self.record(exec_id)
 
@@ -145,22 +185,34 @@ class Executions:
         rec = self.record(exec_id)
         if rec["state"] in TERMINAL:
             return rec
+        self.db.update_execution(exec_id, cancel_requested=time.time())
         client = await self.client()
         try:
             await client.get_workflow_handle(exec_id).cancel()
         except Exception as e:  # noqa: BLE001 - already finished: the watcher records the outcome
             log.info("cancel %s: %s", exec_id, e)
-        self.publish(exec_id, "cancelling", {})
+        self.publish(exec_id, EventKind.CANCELLING, {})
         return self.record(exec_id)
 
     async def decide(
         self, exec_id: str, *, approve: bool, call_id: str | None, always: bool
     ) -> dict[str, Any]:
-        """Answer a tool call waiting for approval (the oldest one when no call id is given)."""
+        """Answer a tool call waiting for approval (the oldest one when no call id is given): recorded
+        here first, atomically (a call gets one decision: a second answer is refused, naming the first),
+        then the workflow is woken to read it."""
         rec = self.record(exec_id)
+        if rec["state"] in TERMINAL:
+            raise StigmerError(
+                f"Execution {exec_id} has ended ({rec['state']}): there is nothing left to approve.",
+                hint=f"See it: stigmer execution get {exec_id}",
+                code=ErrorCode.CONFLICT,
+            )
         pending = self.db.pending_approvals(exec_id)
+        chosen: dict[str, Any] | None
         if call_id:
-            chosen = next((p for p in pending if p["call_id"] == call_id), None)
+            chosen = self.db.approval(exec_id, call_id)
+            if chosen is not None and chosen["decision"]:
+                raise _already(exec_id, chosen)
         else:
             chosen = pending[0] if pending else None
         if chosen is None:
@@ -169,27 +221,41 @@ class Executions:
                 hint=f"See it: stigmer execution get {exec_id}",
                 code=ErrorCode.NOT_FOUND,
             )
-        client = await self.client()
-        decision = {
-            "call_id": chosen["call_id"],
-            "tool": chosen["tool"],
-            "approve": approve,
-            "always": always,
-        }
-        await client.get_workflow_handle(exec_id).signal("decide", decision)
-        same = [p for p in pending if always and p["tool"] == chosen["tool"]] or [chosen]
-        for p in same:
-            self.db.decide(exec_id, p["call_id"], "approved" if approve else "denied")
+        same_tool = [p["call_id"] for p in pending if always and p["tool"] == chosen["tool"]]
+        calls = [chosen["call_id"], *[c for c in same_tool if c != chosen["call_id"]]]
+        decided = self.db.decide_calls(exec_id, calls, "approved" if approve else "denied", always=always)
+        if chosen["call_id"] not in decided:  # another answer won the race
+            raise _already(exec_id, self.db.approval(exec_id, chosen["call_id"]) or chosen)
+        for decided_id in decided:
+            self.publish(
+                exec_id,
+                EventKind.APPROVAL,
+                {"id": decided_id, "name": chosen["tool"], "approved": approve, "always": always},
+            )
+        if not self.db.pending_approvals(exec_id) and self.record(exec_id, messages=False)["state"] == (
+            WAITING_APPROVAL
+        ):
+            self.db.update_execution(exec_id, state=IN_PROGRESS)
+        await self._wake(exec_id)
         args = json.dumps(chosen["args"], ensure_ascii=False)[:200]
         return {
             **self.record(exec_id),
             "decided": f"{chosen['tool']}({args})" + (" (always)" if always else ""),
         }
 
+    async def _wake(self, exec_id: str) -> None:
+        try:
+            client = await self.client()
+            await client.get_workflow_handle(exec_id).signal(WAKE_SIGNAL)
+        except Exception as e:  # noqa: BLE001 - the workflow reads decisions again when it resumes
+            log.warning("could not wake %s: %s", exec_id, e)
+
     def record(self, exec_id: str, *, messages: bool = True) -> dict[str, Any]:
         row = self.db.get_execution(exec_id)
         if row is None:
             raise not_found(exec_id)
+        for private in ("spec", "ticket", "run_id", "cancel_requested"):
+            row.pop(private, None)
         end = row["finished"] or (time.time() if row["state"] not in TERMINAL else None)
         row["duration"] = round(end - row["created"], 3) if end else None
         row["usage"] = {"input_tokens": row.pop("input_tokens"), "output_tokens": row.pop("output_tokens")}
@@ -202,69 +268,147 @@ class Executions:
         rows = self.db.list_executions(state=state, agent=agent, limit=limit)
         return [self.record(r["id"], messages=False) for r in rows]
 
-    # -- events -------------------------------------------------------------------------------------------
-    def publish(self, exec_id: str, kind: str, data: dict[str, Any]) -> int:
-        seq = self.db.add_event(exec_id, kind, data)
-        cond = self._changed.get(exec_id)
-        if cond is not None:
-            asyncio.get_running_loop().create_task(_notify(cond))
-        return seq
-
-    def ingest(self, exec_id: str, events: list[dict[str, Any]]) -> None:
-        """Events from the worker: stored, fanned out, and reflected in the record."""
+    # -- the worker's side (authenticated by the worker token, then by the execution's ticket) -------------
+    def _ticketed(self, exec_id: str, ticket: str) -> dict[str, Any]:
         row = self.db.get_execution(exec_id)
-        if row is None:
-            raise not_found(exec_id)
+        if row is None or not row.get("ticket") or not same(ticket, row["ticket"]):
+            log.warning(
+                "refused a worker request for %s: its ticket is not this execution's (a workflow not "
+                "started by Stigmer's API?)",
+                exec_id[:80],
+            )
+            raise StigmerError(
+                f"Execution {exec_id[:80]!r} was not started by this Stigmer server.",
+                code=ErrorCode.ACCESS_DENIED,
+            )
+        return row
+
+    async def claim(self, exec_id: str, req: ClaimRequest, run_id: str) -> RunSpec:
+        """A worker starts running an execution: it shows the ticket from the workflow input and gets
+        what to run. Only the workflow run that this API started may claim it."""
+        row = self._ticketed(exec_id, req.ticket)
         if row["state"] in TERMINAL:
-            return  # a late batch from an attempt that lost: the outcome is already written
+            raise StigmerError(f"Execution {exec_id} has already ended.", code=ErrorCode.CONFLICT)
+        starting = self._starting.get(exec_id)
+        if starting is not None and not row.get("run_id"):
+            await asyncio.wait_for(starting.wait(), START_WAIT)
+            row = self.db.get_execution(exec_id) or row
+        if not row.get("run_id"):
+            self.db.update_execution(exec_id, run_id=run_id)  # started before an API restart: first wins
+        elif run_id != row["run_id"]:
+            log.warning(
+                "refused a claim of %s from Temporal run %s, not the one Stigmer started", exec_id, run_id
+            )
+            raise StigmerError(
+                f"Execution {exec_id} belongs to another workflow run.", code=ErrorCode.ACCESS_DENIED
+            )
+        if not req.provider:  # the first call: what to run; the second says which LLM runs it
+            return RunSpec.model_validate_json(row["spec"])
+        first = row["started"] is None
+        fields: dict[str, Any] = {
+            "provider": req.provider,
+            "model": req.model,
+            "endpoint": req.endpoint,
+            "worker": req.worker,
+        }
+        if first:
+            fields.update(state=IN_PROGRESS, started=time.time())
+        self.db.update_execution(exec_id, **fields)
+        if first:
+            self.publish(
+                exec_id,
+                EventKind.STARTED,
+                {k: fields[k] for k in ("provider", "model", "endpoint", "worker")},
+            )
+        return RunSpec.model_validate_json(row["spec"])
+
+    def decisions(self, exec_id: str, ticket: str, call_ids: list[str]) -> list[Decision]:
+        """What people decided, through this API, for these calls (undecided ones are left out)."""
+        self._ticketed(exec_id, ticket)
+        out = []
+        for call_id in call_ids:
+            a = self.db.approval(exec_id, call_id)
+            if a is not None and a["decision"] in ("approved", "denied"):
+                out.append(
+                    Decision(
+                        call_id=call_id,
+                        tool=a["tool"],
+                        approve=a["decision"] == "approved",
+                        always=a["always"],
+                    )
+                )
+        return out
+
+    def ingest(
+        self, exec_id: str, ticket: str, events: list[dict[str, Any]], batch: str | None = None
+    ) -> int:
+        """Events from the worker running the execution: stored, fanned out, and reflected in the record.
+        Only the kinds a worker may send are taken; a batch sent twice (a resend after a lost answer) is
+        taken once."""
+        row = self._ticketed(exec_id, ticket)
+        if row["state"] in TERMINAL:
+            return 0  # a late batch from an attempt that lost: the outcome is already written
+        if batch is not None and self.db.has_batch(exec_id, batch[:100]):
+            return 0
+        accepted: list[tuple[str, dict[str, Any]]] = []
         for event in events[:1000]:
             if not isinstance(event, dict):
                 continue
             kind = str(event.get("type", ""))[:32]
+            if kind not in WORKER_EVENTS:
+                log.warning("refused a %r event for %s from a worker", kind, exec_id)
+                continue
             data = {k: v for k, v in event.items() if k != "type"}
             attempt = data.get("attempt")
             if isinstance(attempt, int) and attempt > (row["attempts"] or 0):
                 row["attempts"] = attempt
                 self.db.update_execution(exec_id, attempts=attempt)
-            if kind == "started":
-                self.db.update_execution(
-                    exec_id,
-                    state=IN_PROGRESS,
-                    started=row["started"] or time.time(),
-                    provider=str(data.get("provider", "")),
-                    model=str(data.get("model", "")),
-                    endpoint=str(data.get("endpoint", "")),
-                    worker=str(data.get("worker", ""))[:200],
-                )
-            elif kind == "approval_required":
+            if kind == EventKind.APPROVAL_REQUIRED:
                 self.db.ask_approval(
-                    exec_id, str(data.get("id", "")), str(data.get("name", "")), data.get("args") or {}
+                    exec_id,
+                    str(data.get("id", ""))[:200],
+                    str(data.get("name", ""))[:200],
+                    data.get("args") or {},
                 )
                 self.db.update_execution(exec_id, state=WAITING_APPROVAL)
-            elif kind == "approval":
-                self.db.decide(
-                    exec_id, str(data.get("id", "")), "approved" if data.get("approved") else "denied"
-                )
-                if not self.db.pending_approvals(exec_id):
-                    self.db.update_execution(exec_id, state=IN_PROGRESS)
-            self.publish(exec_id, kind, data)
+            accepted.append((kind, data))
+        if accepted:
+            self.db.add_events(exec_id, accepted, batch=batch[:100] if batch else None)
+            self._notify(exec_id)
+        return len(accepted)
+
+    # -- events -------------------------------------------------------------------------------------------
+    def publish(self, exec_id: str, kind: str, data: dict[str, Any]) -> int:
+        seq = self.db.add_event(exec_id, str(kind), data)
+        self._notify(exec_id)
+        return seq
+
+    def _notify(self, exec_id: str) -> None:
+        cond = self._changed.get(exec_id)
+        if cond is not None:
+            asyncio.get_running_loop().create_task(_notify(cond))
 
     async def stream(self, exec_id: str, after: int = 0) -> AsyncIterator[tuple[int, str, dict[str, Any]]]:
         """Every event after `after`, stored ones first, then live ones, until the execution ends."""
         if self.db.get_execution(exec_id) is None:
             raise not_found(exec_id)
         cond = self._changed.setdefault(exec_id, asyncio.Condition())
-        while True:
-            for seq, kind, data in self.db.events(exec_id, after):
-                after = seq
-                yield seq, kind, data
-                if kind in ("completed", "failed", "cancelled"):
-                    return
-            async with cond:
-                try:
-                    await asyncio.wait_for(cond.wait(), timeout=15)
-                except TimeoutError:
-                    yield 0, "ping", {}  # keeps proxies and idle clients from closing the stream
+        try:
+            while True:
+                for seq, kind, data in self.db.events(exec_id, after):
+                    after = seq
+                    yield seq, kind, data
+                    if kind in END_EVENTS:
+                        return
+                async with cond:
+                    try:
+                        await asyncio.wait_for(cond.wait(), timeout=15)
+                    except TimeoutError:
+                        yield 0, "ping", {}  # keeps proxies and idle clients from closing the stream
+        finally:
+            row = self.db.get_execution(exec_id)
+            if row is None or row["state"] in TERMINAL:
+                self._changed.pop(exec_id, None)  # no memory kept for executions that ended
 
     # -- outcome ------------------------------------------------------------------------------------------
     def _watch(self, exec_id: str) -> None:
@@ -272,33 +416,65 @@ class Executions:
             self._watchers[exec_id] = asyncio.get_running_loop().create_task(self._await_result(exec_id))
 
     async def _await_result(self, exec_id: str) -> None:
-        from temporalio.client import WorkflowFailureError
-        from temporalio.exceptions import CancelledError
-
+        """Await the workflow's outcome, then write it. Both retry until they succeed: Temporal may be
+        restarting, and the disk may be full (the record is written once there is space again)."""
         try:
-            client = await self.client()
-            handle = client.get_workflow_handle(exec_id)
+            write = await self._outcome(exec_id)
+            delay = 1.0
             while True:
                 try:
-                    out = await handle.result()
-                    break
-                except WorkflowFailureError as e:
-                    attempts = await _attempts(handle)
-                    if isinstance(e.cause, CancelledError):
-                        self._finish(exec_id, CANCELLED, error="Cancelled.", **attempts)
-                    else:
-                        self._finish(exec_id, FAILED, error=_reason(e), **attempts)
+                    write()
                     return
-                except Exception as e:  # noqa: BLE001 - Temporal unreachable for a moment: keep watching
-                    log.warning("waiting for %s: %s", exec_id, e)
-                    await asyncio.sleep(1)
-            # The attempts are known from the streamed events; only an answer that streamed nothing needs
-            # Temporal's history for them (it costs a round trip before the outcome is published).
-            known = (self.db.get_execution(exec_id) or {}).get("attempts") or 0
-            attempts = {} if known else await _attempts(handle)
-            self._complete(exec_id, out if isinstance(out, dict) else {}, attempts)
+                except Exception as e:  # noqa: BLE001 - a full disk, a locked database: try again
+                    log.warning("could not record the outcome of %s (retrying): %s", exec_id, e)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 30.0)
         finally:
             self._watchers.pop(exec_id, None)
+
+    async def _outcome(self, exec_id: str) -> Callable[[], None]:
+        """What to write once the workflow ended (a function, so that writing can be retried alone)."""
+        from temporalio.client import WorkflowFailureError
+        from temporalio.exceptions import CancelledError
+        from temporalio.service import RPCError, RPCStatusCode
+
+        delay = 1.0
+        while True:
+            try:
+                client = await self.client()
+                run_id = (self.db.get_execution(exec_id) or {}).get("run_id")
+                handle = client.get_workflow_handle(exec_id, run_id=run_id)
+                out = await handle.result(follow_runs=False)
+                break
+            except WorkflowFailureError as e:
+                attempts = await _attempts(handle)
+                if not isinstance(e.cause, CancelledError):
+                    reason = _reason(e)
+                    return lambda: self._finish(exec_id, FAILED, error=reason, **attempts)
+                if (self.db.get_execution(exec_id) or {}).get("cancel_requested"):
+                    return lambda: self._finish(exec_id, CANCELLED, error="Cancelled.", **attempts)
+                log.warning("%s was cancelled through Temporal, not through Stigmer's API", exec_id)
+                error = "Cancelled through Temporal, not through Stigmer."
+                return lambda: self._finish(exec_id, CANCELLED, error=error, **attempts)
+            except RPCError as e:
+                if e.status == RPCStatusCode.NOT_FOUND:
+                    gone = (
+                        "Its workflow is gone from Temporal (its history was removed or Temporal's database "
+                        "was replaced), so its outcome cannot be known."
+                    )
+                    return lambda: self._finish(exec_id, FAILED, error=gone)
+                log.warning("waiting for %s: %s", exec_id, e)
+            except StigmerError as e:
+                log.warning("waiting for %s: %s", exec_id, e.message)
+            except Exception as e:  # noqa: BLE001 - Temporal unreachable for a moment: keep watching
+                log.warning("waiting for %s: %s", exec_id, e)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
+        # The attempts are known from the streamed events; only an answer that streamed nothing needs
+        # Temporal's history for them (it costs a round trip before the outcome is published).
+        known = (self.db.get_execution(exec_id) or {}).get("attempts") or 0
+        attempts = {} if known else await _attempts(handle)
+        return lambda: self._complete(exec_id, out if isinstance(out, dict) else {}, attempts)
 
     def _complete(self, exec_id: str, out: dict[str, Any], attempts: dict[str, int]) -> None:
         self.db.set_messages(exec_id, list(out.get("messages") or []))
@@ -319,10 +495,21 @@ class Executions:
     def _finish(self, exec_id: str, state: str, **fields: Any) -> None:
         row = self.db.get_execution(exec_id) or {}
         self.db.update_execution(exec_id, state=state, finished=time.time(), **fields)
+        self.db.close_approvals(exec_id, "closed")  # nothing waits on an execution that ended
         if state != COMPLETED and not self.db.messages(exec_id) and row:
             self.db.set_messages(exec_id, [{"role": "user", "content": row.get("message", "")}])
         record = self.record(exec_id)
         self.publish(exec_id, state.lower(), {"record": record})
+
+
+def _already(exec_id: str, approval: dict[str, Any]) -> StigmerError:
+    return StigmerError(
+        f"That tool call of {exec_id} was already answered: {approval.get('decision') or 'decided'}"
+        + (" (always)" if approval.get("always") else "")
+        + ".",
+        hint=f"See it: stigmer execution get {exec_id}",
+        code=ErrorCode.CONFLICT,
+    )
 
 
 async def _attempts(handle: Any) -> dict[str, int]:

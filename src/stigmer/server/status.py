@@ -12,6 +12,7 @@ from stigmer.paths import Paths
 from stigmer.server import state as st
 
 _ORDER = {"llm": 0, "temporal": 1, "agent-runner": 2, "server": 3}
+UNSUPERVISED = "unsupervised"  # the phase when services run without their daemon
 
 
 def server_status(settings: Settings, paths: Paths) -> dict[str, Any]:
@@ -28,9 +29,14 @@ def server_status(settings: Settings, paths: Paths) -> dict[str, Any]:
             entry = asdict(svc)
             entry["uptime"] = round(now - svc.started, 1) if svc.started and svc.state == st.RUNNING else None
             services[name] = entry
+    elif daemon is None:
+        services = unsupervised(paths, now)
     return {
         "running": running,
-        "phase": state.phase if running and state else st.STOPPED,
+        # The daemon is gone (killed) but services it started still run: nobody restarts them now,
+        # and the next `stigmer server` adopts them rather than starting second copies.
+        "unsupervised": bool(services) and not running,
+        "phase": state.phase if running and state else (UNSUPERVISED if services else st.STOPPED),
         "pid": daemon.pid if daemon else None,
         "port": settings.server.port,
         "data": str(paths.data_dir),
@@ -44,3 +50,23 @@ def server_status(settings: Settings, paths: Paths) -> dict[str, Any]:
         },
         "web_ui": {"temporal": state.web_ui if running and state else None},
     }
+
+
+def unsupervised(paths: Paths, now: float | None = None) -> dict[str, Any]:
+    """The services that still run by their pid records (call it when no daemon watches them)."""
+    from stigmer.services.manager import Services
+
+    found: dict[str, Any] = {}
+    runner = Services(paths)
+    for name in _ORDER:
+        rec = runner.record(name)
+        if rec is not None:
+            svc = st.ServiceStatus(
+                name,
+                state=st.RUNNING,
+                pid=rec.pid,
+                address=st.record_address(rec.info),
+                started=rec.create_time,
+            )
+            found[name] = {**asdict(svc), "uptime": round((now or time.time()) - rec.create_time, 1)}
+    return found

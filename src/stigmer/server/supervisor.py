@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -17,7 +18,7 @@ from typing import IO
 
 from stigmer.config.store import Settings
 from stigmer.errors import StigmerError
-from stigmer.fsutil import tail
+from stigmer.fsutil import PRIVATE_FILE, tail
 from stigmer.paths import Paths
 from stigmer.server import state as st
 from stigmer.services import spawn
@@ -28,6 +29,7 @@ from stigmer.services.spec import RestartPolicy, ServiceSpec
 log = logging.getLogger(__name__)
 
 UNHEALTHY_LIMIT = 3  # failed probes in a row of a live process before it is restarted
+PORT_RACE_TRIES = 3  # starts of a service whose free port was taken before it bound it
 
 
 class StartFailed(StigmerError):
@@ -91,9 +93,8 @@ class Supervisor:
         m.status.state = st.RUNNING
         m.status.pid = rec.pid
         m.status.started = rec.create_time
-        spec_address = rec.info.get("port")
-        if spec_address and not m.status.address:
-            m.status.address = f"127.0.0.1:{spec_address}"
+        if not m.status.address:
+            m.status.address = st.record_address(rec.info)  # the LLM's too, from its base URL
 
     # -- start ------------------------------------------------------------------------------------------
     def start_all(self) -> None:
@@ -122,8 +123,17 @@ class Supervisor:
         threads = [threading.Thread(target=self._bring_up, args=(m, errors), name=m.name) for m in wave]
         for t in threads:
             t.start()
-        for t in threads:
-            t.join()
+        stopped = False
+        while any(t.is_alive() for t in threads):
+            for t in threads:
+                t.join(timeout=0.05)
+            if errors and not stopped:
+                # The start as a whole has failed: stop the others now rather than wait for their readiness
+                # (a worker would wait up to a minute for an API that will not come).
+                stopped = True
+                for m in wave:
+                    if m.name not in errors and m.status.state == st.STARTING:
+                        self.runner.stop(m.name, timeout=m.stop_timeout)
         self.save()
         if errors:
             name, error = next(iter(errors.items()))
@@ -143,7 +153,7 @@ class Supervisor:
                     self.runner.stop(m.name, timeout=m.stop_timeout)
                 m.status.state = st.STARTING
                 self.save()
-                rec = self.runner.start(m.build())
+                rec = self._start_fresh(m)
                 m.started_here = True
             self._running(m, rec)
         except BaseException as e:  # noqa: B036 - reported to start_all, which stops the others
@@ -151,6 +161,18 @@ class Supervisor:
             m.status.last_failure = e.message if isinstance(e, StigmerError) else f"{type(e).__name__}: {e}"
             m.status.last_failure_at = time.time()
             errors[m.name] = e
+
+    def _start_fresh(self, m: Managed) -> ProcessRecord:
+        """Start from a fresh spec. A port that we found free and another program took before the service
+        bound it (the spec's ports are chosen at build time) is a race, not a fault: build and try again."""
+        for attempt in range(1, PORT_RACE_TRIES + 1):
+            try:
+                return self.runner.start(m.build())
+            except StigmerError as e:
+                if attempt == PORT_RACE_TRIES or "address already in use" not in f"{e.message} {e.hint}":
+                    raise
+                log.warning("%s: a port it was given was taken meanwhile; starting it on others", m.name)
+        raise AssertionError("unreachable")
 
     # -- watch ------------------------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
@@ -270,7 +292,10 @@ def last_lines(paths: Paths, service: str, n: int = 15) -> list[str]:
 
 def open_lock(path: str) -> IO[bytes] | None:
     """An exclusive lock on `path` that a child can inherit (POSIX flock); None when it is held."""
-    f = open(path, "ab")  # noqa: SIM115 - handed to the child process, closed by the caller
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, PRIVATE_FILE)
+    f = os.fdopen(fd, "ab")  # handed to the child process, closed by the caller
+    with contextlib.suppress(OSError):
+        os.chmod(path, PRIVATE_FILE)  # one made by an earlier version may be 0644
     try:
         import fcntl
     except ImportError:  # Windows: no inheritable advisory lock; the daemon's own lock still guards

@@ -62,8 +62,9 @@ class Services:
         from stigmer.net.addresses import port_in_use
         from stigmer.services import ready, spawn
 
-        if spec.address is not None and port_in_use(*spec.address):
-            raise port_held(spec)
+        for address in _addresses(spec):
+            if port_in_use(*address):
+                raise port_held(spec, address)
         self.paths.ensure(self.paths.run_dir, self.paths.logs_dir)
         log_path = self.paths.log_file(spec.name)
         pid_path = self.paths.pid_file(spec.name)
@@ -86,8 +87,9 @@ class Services:
             spawn.stop(rec, timeout=5)
             _reap(proc)
             records.remove_if(pid_path, rec)
-            if isinstance(e, StigmerError) and spec.address is not None and port_in_use(*spec.address):
-                raise port_held(spec) from None  # it died because someone else took the port meanwhile
+            for address in _addresses(spec) if isinstance(e, StigmerError) else ():
+                if port_in_use(*address):  # it died because someone else took the port meanwhile
+                    raise port_held(spec, address) from None
             raise
         log.info("%s started (pid %d)", spec.name, rec.pid)
         return rec
@@ -107,9 +109,14 @@ class Services:
         return stopped
 
 
-def port_held(spec: ServiceSpec) -> StigmerError:
-    assert spec.address is not None
-    host, port = spec.address
+def _addresses(spec: ServiceSpec) -> list[tuple[str, int]]:
+    return ([spec.address] if spec.address is not None else []) + list(spec.more_addresses)
+
+
+def port_held(spec: ServiceSpec, address: tuple[str, int] | None = None) -> StigmerError:
+    address = address or spec.address
+    assert address is not None
+    host, port = address
     return StigmerError(
         f"Port {port} on {host} is held by another program, so {spec.label} cannot listen there.",
         hint=f"Nothing was stopped. Find it with  lsof -i :{port}  (or  ss -ltnp | grep {port}), stop it, "

@@ -11,7 +11,7 @@ import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from stigmer.errors import ErrorCode, StigmerError
 from stigmer.fsutil import PRIVATE_FILE
@@ -22,6 +22,9 @@ log = logging.getLogger(__name__)
 
 LOG_MAX_BYTES = 10 * 1024 * 1024
 LOG_BACKUPS = 3
+# Every service is started with this umask, so what it creates is private whatever the user's umask:
+# Temporal's temporal.db, the worker's health stamp, the files the tools and shell commands write.
+PRIVATE_UMASK = 0o077
 
 # Windows: CREATE_NEW_PROCESS_GROUP | DETACHED_PROCESS | CREATE_NO_WINDOW, as the seed asks, so the
 # service survives the console closing and Ctrl-C in the CLI's console does not reach it.
@@ -37,8 +40,37 @@ def detach_options(platform: str = sys.platform) -> dict[str, Any]:
     return {"start_new_session": True}  # its own session and process group: no SIGHUP/SIGINT from us
 
 
-def rotate_log(path: Path, *, max_bytes: int = LOG_MAX_BYTES, backups: int = LOG_BACKUPS) -> None:
-    """Rotate llm.log -> llm.log.1 -> ... when it has grown past max_bytes (done at each start)."""
+def _copy_tail(source: IO[bytes], target: IO[bytes], max_bytes: int) -> None:
+    """Copy the last max_bytes of `source` as it is now (from the start of a line): a rotated log holds
+    the cap however much the service wrote between two checks, and however fast it writes meanwhile."""
+    end = source.seek(0, os.SEEK_END)
+    start = max(0, end - max_bytes)
+    source.seek(start)
+    if start:
+        start += len(source.readline(max_bytes))
+    left = end - start
+    while left > 0 and (chunk := source.read(min(left, 1 << 20))):
+        target.write(chunk)
+        left -= len(chunk)
+
+
+def _cap(path: Path, max_bytes: int) -> None:
+    """Keep only the last max_bytes of a rotated log."""
+    with contextlib.suppress(OSError):
+        if path.stat().st_size <= max_bytes:
+            return
+        part = path.with_name(f"{path.name}.part")
+        fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_FILE)
+        with path.open("rb") as source, os.fdopen(fd, "wb") as target:
+            _copy_tail(source, target, max_bytes)
+        os.replace(part, path)
+
+
+def rotate_log(
+    path: Path, *, max_bytes: int = LOG_MAX_BYTES, backups: int = LOG_BACKUPS, cap: int = LOG_MAX_BYTES
+) -> None:
+    """Rotate llm.log -> llm.log.1 -> ... when it has grown past max_bytes (done at each start); a
+    rotated file keeps at most the newest `cap` bytes."""
     try:
         if path.stat().st_size < max_bytes:
             return
@@ -49,17 +81,21 @@ def rotate_log(path: Path, *, max_bytes: int = LOG_MAX_BYTES, backups: int = LOG
         if src.exists():
             os.replace(src, path.with_name(f"{path.name}.{i + 1}"))
     os.replace(path, path.with_name(f"{path.name}.1"))
+    with contextlib.suppress(OSError):
+        path.with_name(f"{path.name}.1").chmod(PRIVATE_FILE)  # a log of an earlier version may be 0644
+    _cap(path.with_name(f"{path.name}.1"), cap)
 
 
-def rotate_running(path: Path, *, max_bytes: int = LOG_MAX_BYTES, backups: int = LOG_BACKUPS) -> bool:
+def rotate_running(
+    path: Path, *, max_bytes: int = LOG_MAX_BYTES, backups: int = LOG_BACKUPS, cap: int = LOG_MAX_BYTES
+) -> bool:
     """Rotate a log that a running service still writes to: copy it aside, then truncate it in place.
 
     The service keeps its file open in append mode, so after the truncation its next line lands at the
     start of the emptied file. A line written between the copy and the truncation can be lost, as with
     logrotate's copytruncate; renaming instead would leave the service writing to the rotated file.
+    The copy keeps the newest `cap` bytes: the cap holds, however much was written since the last check.
     """
-    import shutil
-
     try:
         if path.stat().st_size < max_bytes:
             return False
@@ -69,7 +105,13 @@ def rotate_running(path: Path, *, max_bytes: int = LOG_MAX_BYTES, backups: int =
         src = path.with_name(f"{path.name}.{i}")
         if src.exists():
             os.replace(src, path.with_name(f"{path.name}.{i + 1}"))
-    shutil.copyfile(path, path.with_name(f"{path.name}.1"))
+    rotated = path.with_name(f"{path.name}.1")
+    with path.open("rb") as source:
+        fd = os.open(rotated, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_FILE)  # not 0644 by the umask
+        with os.fdopen(fd, "wb") as target:
+            if hasattr(os, "fchmod"):  # an existing one keeps its mode otherwise
+                os.fchmod(fd, PRIVATE_FILE)
+            _copy_tail(source, target, cap)
     with path.open("r+b") as f:
         f.truncate(0)
     return True
@@ -104,6 +146,7 @@ def start_detached(
                 cwd=cwd,
                 close_fds=True,
                 pass_fds=pass_fds if os.name != "nt" else (),
+                umask=PRIVATE_UMASK,  # POSIX (Windows ignores it)
                 **detach_options(),
             )
         except OSError as e:

@@ -29,6 +29,7 @@ class ServiceSpec:
     ready: Callable[[], bool]  # True once the service answers
     what: str = ""  # how messages name it ("the Local LLM server"); the name when empty
     address: tuple[str, int] | None = None  # where it listens: a busy port is named in errors
+    more_addresses: tuple[tuple[str, int], ...] = ()  # other ports it listens on, checked the same way
     ready_timeout: float = 30.0
     stop_timeout: float = 10.0
     cwd: Path | None = None

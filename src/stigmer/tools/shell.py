@@ -6,19 +6,22 @@
   (STIGMER_LLM_API_KEY, OPENAI_API_KEY, HF_TOKEN, ...) never reach the command. Proxy variables are
   passed on, unless they carry a password.
 - stdin is /dev/null, stdout and stderr share one pipe (interleaved as a terminal shows them).
-- The command gets its own session and process group (POSIX; a new process group on Windows). At the
-  deadline the whole group gets SIGTERM, then SIGKILL after TERM_GRACE seconds. When the command
-  exits on its own, whatever it left running in its group is stopped the same way: a tool call does
-  not leave daemons behind.
+- Linux: the command runs under a guardian (stigmer.tools.procs), a child subreaper in a session of its
+  own, so that its whole process tree (also what moved to another session with setsid, or double
+  forked) is stopped when the command exits, at the deadline (SIGTERM, then SIGKILL after TERM_GRACE
+  seconds), and at once when the worker dies, even by SIGKILL. A tool call does not leave daemons
+  behind, and a command of a dead worker does not go on.
+- Elsewhere the command gets its own session and process group (POSIX; a new process group on
+  Windows), which is stopped the same way; a process that moves itself into another session escapes
+  that (we stop reading its output DRAIN_AFTER_EXIT seconds after the command ends), and is killed
+  when a worker starts next (stigmer.tools.procs.kill_leftovers). On Windows, processes left behind
+  after a normal exit are not tracked (that would need a job object).
 - Output is read as it comes. Past max_output, the first and last halves are kept and the middle is
   counted and dropped, so memory stays bounded; the command is *not* killed for talking too much (a
   verbose build should still finish and report its real exit code). A command that prints forever
   therefore runs until its timeout.
 
-Not a sandbox: the command runs as the user, with the user's files. A process that moves itself into
-another session (setsid, a double fork) escapes the group kill; on POSIX we stop reading its output
-DRAIN_AFTER_EXIT seconds after the command ends. On Windows, processes left behind after a normal exit
-are not tracked (that would need a job object).
+Not a sandbox: the command runs as the user, with the user's files.
 """
 
 from __future__ import annotations
@@ -38,15 +41,18 @@ from typing import IO, Any
 from urllib.parse import urlsplit
 
 from stigmer.services.env import PROXY, child_env
+from stigmer.tools import procs
 from stigmer.tools.errors import ToolFailure
 
 log = logging.getLogger(__name__)
 
 TERM_GRACE = 2.0  # seconds between SIGTERM and SIGKILL
+GUARDIAN_GRACE = TERM_GRACE - 0.5  # the guardian's, so that it is done before the worker would SIGKILL
 DRAIN_AFTER_EXIT = 1.0  # seconds to keep reading output held open by a process that escaped the group
 CHUNK = 64 * 1024
 POLL = 0.05
 CREATE_NEW_PROCESS_GROUP = 0x00000200  # Windows
+_guardians: dict[int, bool] = {}  # pid -> whether it is a guardian (Linux), for the running commands
 
 
 @dataclass(frozen=True)
@@ -73,15 +79,19 @@ def run(
     if not Path(cwd).is_dir():
         raise ValueError(f"cwd {cwd} is not a folder")
     command = command_argv(argv, allow_shell_string=allow_shell_string)
-    log.debug("running %s in %s", command, cwd)
+    env = command_env(environ)
+    guarded = sys.platform != "win32" and procs.available()
+    if guarded:  # the guardian starts the command: find it first, to say what is wrong as Popen would
+        check_program(command[0], cwd=Path(cwd), path=env.get("PATH", os.defpath))
+    log.debug("running %s in %s%s", command, cwd, " under a guardian" if guarded else "")
     try:
         proc = subprocess.Popen(
-            command,
+            procs.guarded_argv(command, grace=GUARDIAN_GRACE) if guarded else command,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             cwd=cwd,
-            env=command_env(environ),
+            env=env,
             close_fds=True,
             **popen_options(),
         )
@@ -92,6 +102,7 @@ def run(
         raise ToolFailure(f"{command[0]!r} cannot be run: permission denied") from None
     except OSError as e:
         raise ToolFailure(f"could not start {command[0]!r}: {e.strerror or e}") from None
+    _guardians[proc.pid] = guarded
     out = _Output(max_output)
     deadline = time.monotonic() + timeout
     try:
@@ -101,6 +112,8 @@ def run(
     except BaseException:  # a bug or an interrupt here must not leave the command running
         _kill_now(proc)
         raise
+    finally:
+        _guardians.pop(proc.pid, None)
     output = out.text()
     if timed_out:
         output += f"\n[timed out after {timeout:g}s: the command and the processes it started were stopped]"
@@ -136,15 +149,31 @@ def command_argv(argv: object, *, allow_shell_string: bool) -> list[str]:
 
 
 def command_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The command's environment: child_env's allow-list plus proxies (not those with a password), and
-    settings that keep programs from waiting for a terminal nobody is at."""
+    """The command's environment: child_env's allow-list plus proxies (not those with a password),
+    settings that keep programs from waiting for a terminal nobody is at, and the mark of this worker
+    (stigmer.tools.procs: what a dead worker left running is found by it)."""
     env = child_env(PROXY, environ=environ)
     for name in PROXY:
         value = env.get(name, "")
         if "@" in (urlsplit(value).netloc if "://" in value else value):
             del env[name]  # http://user:password@proxy:3128 is a secret too
-    env.update({"PAGER": "cat", "GIT_PAGER": "cat", "GIT_TERMINAL_PROMPT": "0"})
+    env.update({"PAGER": "cat", "GIT_PAGER": "cat", "GIT_TERMINAL_PROMPT": "0", **procs.marker()})
     return env
+
+
+def check_program(program: str, *, cwd: Path, path: str) -> None:
+    """A ToolFailure, as Popen's errors read, when `program` cannot be run (looked up as execvp does)."""
+    if os.sep in program or (os.altsep and os.altsep in program):
+        candidates = [cwd / program]
+    else:
+        candidates = [Path(d or ".") / program for d in path.split(os.pathsep)]
+        candidates = [c if c.is_absolute() else cwd / c for c in candidates]
+    found = [c for c in candidates if c.exists()]
+    if any(c.is_file() and os.access(c, os.X_OK) for c in found):
+        return
+    if not found:
+        raise ToolFailure(f"command not found: {program!r}")
+    raise ToolFailure(f"{program!r} cannot be run: permission denied")
 
 
 def popen_options(platform: str = sys.platform) -> dict[str, Any]:
@@ -201,6 +230,8 @@ def _run_posix(proc: subprocess.Popen[bytes], out: _Output, deadline: float) -> 
             proc.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             timed_out = True  # it closed its output but kept running
+    if _guardians.get(proc.pid):
+        _stop_guardian(proc, signal.SIGTERM)  # it stops the whole tree, then exits
     _stop_group(proc.pid, proc)
     # What is still in the pipe; a process that escaped the group may hold it open, so not forever.
     _read_until(pipe, out, time.monotonic() + DRAIN_AFTER_EXIT, proc=None)
@@ -248,6 +279,21 @@ def _stop_group(pgid: int, proc: subprocess.Popen[bytes]) -> None:
         proc.wait(timeout=5)
     except subprocess.TimeoutExpired:  # stuck in the kernel (a dead NFS mount): nothing more to do
         log.warning("pid %d did not exit after SIGKILL", proc.pid)
+
+
+def _stop_guardian(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
+    """Ask the guardian to stop the command's tree (SIGTERM: gracefully; SIGHUP: at once) and wait for it
+    to be done; should it not be, its process group is killed (the command's group)."""
+    if proc.poll() is None:
+        try:
+            os.kill(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout=TERM_GRACE + 3)
+        except subprocess.TimeoutExpired:
+            log.warning("the guardian of pid %d did not stop the command; killing its group", proc.pid)
+            _signal_group(proc.pid, signal.SIGKILL)
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:
@@ -306,6 +352,8 @@ def _kill_now(proc: subprocess.Popen[bytes]) -> None:
     """SIGKILL the command's group (its tree on Windows) at once; for when we are failing ourselves."""
     if sys.platform == "win32":
         _stop_tree(proc.pid)
+    elif _guardians.get(proc.pid):
+        _stop_guardian(proc, signal.SIGHUP)  # SIGKILL to the whole tree, setsid'd processes included
     else:
         _signal_group(proc.pid, signal.SIGKILL)
     try:

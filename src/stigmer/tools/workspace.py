@@ -49,6 +49,10 @@ SEARCH_MAX_TOTAL_BYTES = 20_000_000  # a search stops after reading this much
 SEARCH_MAX_ENTRIES = 100_000  # per folder: a folder of a million files is not read whole into memory
 SEARCH_LINE_CHARS = 300
 REGEX_TIMEOUT = 10.0  # seconds for the regex child process (see _regex_hits)
+# What the tools create is the user's alone, as everything under STIGMER_HOME (a file they replace
+# keeps its mode): not 0644/0755 from a usual umask.
+NEW_FILE = 0o600
+NEW_FOLDER = 0o700
 
 Lines = list[str]  # `list` is a method name inside Workspace
 
@@ -89,7 +93,9 @@ class Workspace:
 
     def __init__(self, root: Path) -> None:
         root = Path(os.path.abspath(root))
-        root.mkdir(mode=0o700, parents=True, exist_ok=True)  # 0700 on the folder itself only
+        for folder in [*reversed(root.parents), root]:  # every folder made here is private (parents too)
+            if not folder.exists():
+                folder.mkdir(mode=NEW_FOLDER, exist_ok=True)
         real = os.path.realpath(root)
         if os.path.dirname(real) == real:
             raise ValueError("a workspace cannot be the filesystem root")
@@ -248,7 +254,7 @@ class Workspace:
             for name in parts:
                 if create:
                     with contextlib.suppress(FileExistsError):
-                        os.mkdir(name, 0o777, dir_fd=fd)
+                        os.mkdir(name, NEW_FOLDER, dir_fd=fd)
                 try:
                     child = os.open(name, _DIR_FLAGS, dir_fd=fd)
                 except OSError as e:
@@ -268,7 +274,7 @@ class Workspace:
         where = os.path.join(self._root, *parts)
         if create:
             try:
-                os.makedirs(where, exist_ok=True)
+                os.makedirs(where, NEW_FOLDER, exist_ok=True)  # Windows: modes mostly do not apply
             except FileExistsError:  # a file where a folder should be
                 raise NotADirectoryError(errno.ENOTDIR, "not a folder", where) from None
         if not self._inside(os.path.realpath(where)):
@@ -442,8 +448,10 @@ class _Folder:
             self._replace_by_path(name, data, keep, shown)
             return old is not None
         tmp = f".stigmer-{secrets.token_hex(8)}.tmp"
-        # 0o666 less the umask, as any new file; O_EXCL|O_NOFOLLOW: never through a planted link.
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC, 0o666, dir_fd=self.fd)
+        # O_EXCL|O_NOFOLLOW: never through a planted link.
+        fd = os.open(
+            tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC, NEW_FILE, dir_fd=self.fd
+        )
         try:
             try:
                 _write_all(fd, data)
@@ -468,7 +476,7 @@ class _Folder:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            os.chmod(tmp, keep if keep is not None else 0o644)
+            os.chmod(tmp, keep if keep is not None else NEW_FILE)
             if not self.ws._inside(os.path.realpath(self.path)):
                 raise _escape(shown, "a folder on it was replaced by a link")
             os.replace(tmp, os.path.join(self.path, name))

@@ -286,6 +286,7 @@ def serve(public: socket.socket, backend: str, key: str, origins: Sequence[str])
     import uvicorn
 
     from stigmer.llm.llamacpp.proxy import guarded
+    from stigmer.net.head_deadline import with_head_deadline
 
     class Server(uvicorn.Server):
         @contextlib.contextmanager
@@ -308,6 +309,7 @@ def serve(public: socket.socket, backend: str, key: str, origins: Sequence[str])
         server_header=False,  # llama.cpp's own Server header is passed through
         date_header=False,
         proxy_headers=False,  # X-Forwarded-* from a local client must not change who it seems to be
+        http=with_head_deadline(),  # a connection that never sends its request is closed
     )
     Server(config).run(sockets=[public])
     os._exit(0)  # llama.cpp's threads must not run interpreter shutdown (see _stop_now)

@@ -50,7 +50,7 @@ _DROP_RESPONSE = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade"}
 )
 CONNECT_TIMEOUT = 5.0  # the internal server is in this process: it accepts at once or not at all
-HEAD_LIMIT = 64 * 1024  # llama.cpp's response heads are a few hundred bytes
+RESPONSE_HEAD_LIMIT = 64 * 1024  # llama.cpp's response heads are a few hundred bytes
 READ_SIZE = 64 * 1024
 LOADING_BODY = b'{"error":{"code":503,"message":"Loading model","type":"unavailable_error"}}'
 UNREACHABLE_BODY = b'{"error":{"code":502,"message":"the engine did not answer","type":"server_error"}}'
@@ -89,7 +89,7 @@ class EngineProxy:
                 break
         try:
             reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(self.host, self.port, limit=HEAD_LIMIT), CONNECT_TIMEOUT
+                asyncio.open_connection(self.host, self.port, limit=RESPONSE_HEAD_LIMIT), CONNECT_TIMEOUT
             )
         except (TimeoutError, OSError) as e:
             log.warning("internal engine server unreachable: %s", e)
@@ -239,8 +239,8 @@ def guarded(backend: str, key: str, origins: Sequence[str]) -> LoopbackGuard:
 
 # -- while the model loads ----------------------------------------------------------------------------
 
-HEAD_LIMIT = 16 * 1024
-CLIENT_TIMEOUT = 1.0  # a client that sends no request head within this is dropped: one at a time here
+REQUEST_HEAD_LIMIT = 16 * 1024  # of a request while loading: only its headers are looked at
+CLIENT_TIMEOUT = 1.0  # a client whose request head has not come within this is dropped: one at a time here
 DRAIN_LIMIT = 64 * 1024
 
 
@@ -304,9 +304,10 @@ def _answer_while_loading(sock: socket.socket, stop_fd: int, origins: tuple[str,
 
 
 def _answer_one(conn: socket.socket, origins: tuple[str, ...]) -> None:
-    conn.settimeout(CLIENT_TIMEOUT)
+    deadline = time.monotonic() + CLIENT_TIMEOUT  # for the whole head, not for each piece of it
     head = b""
-    while b"\r\n\r\n" not in head and len(head) < HEAD_LIMIT:
+    while b"\r\n\r\n" not in head and len(head) < REQUEST_HEAD_LIMIT:
+        conn.settimeout(max(deadline - time.monotonic(), 0.001))
         data = conn.recv(4096)
         if not data:
             return

@@ -332,7 +332,7 @@ def _smaller_model(a: Assessment, hardware: HardwareReport | None) -> str:
     from stigmer.hw.fit import default_model
     from stigmer.llm.names import same_model
 
-    name, _why = default_model(hardware.ram_total, hardware.vram_total)
+    name = default_model(hardware).model
     return "" if same_model(name, a.model) else name
 
 

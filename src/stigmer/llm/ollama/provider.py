@@ -1,7 +1,8 @@
 """The Local LLM runtime (Ollama), shown to users only as "Local LLM".
 
-Its default model follows the machine: while llm.model is not set, the model is chosen from RAM and GPU
-memory in tiers (hw.fit.default_model) by `stigmer server`, which remembers the choice and its reason in
+Its default model follows the machine: while llm.model is not set, the model is chosen by `stigmer
+server` (hw.fit.default_model: the largest that RAM and GPU memory allow and that generates at a usable
+speed here), which remembers the choice, its reason and its expected tokens/s in
 data/default-model.json, so that every later status (and the daemon) shows the same model without
 probing the GPUs again. The status says whether the runtime runs the loaded model on the GPU (its
 /api/ps: size_vram against size), and says plainly when it runs on the CPU.
@@ -29,7 +30,8 @@ from stigmer.llm.provider import (
     Provider,
     not_running_error,
 )
-from stigmer.llm.status import LlmStatus
+from stigmer.llm.quick_status import DEFAULT_CHOICE, read_default_choice
+from stigmer.llm.status import LlmStatus, chosen_note
 from stigmer.net import http
 from stigmer.net.addresses import host_port
 from stigmer.paths import Paths
@@ -41,7 +43,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PROBE_TIMEOUT = 2.0
-DEFAULT_CHOICE = "default-model.json"  # under data/: the model chosen for this machine, and why
 
 
 def uses_default_model(settings: Settings) -> bool:
@@ -54,35 +55,32 @@ def uses_default_model(settings: Settings) -> bool:
 
 def default_choice(
     paths: Paths, *, hardware: HardwareReport | None = None, refresh: bool = False
-) -> tuple[str, str]:
-    """(model, why) for this machine: the remembered choice, else (or with `refresh`, or a given
-    `hardware`) chosen now from RAM and GPU memory and remembered."""
+) -> tuple[str, str, float]:
+    """(model, why, expected tokens/s) for this machine: the remembered choice, else (or with
+    `refresh`, or a given `hardware`) chosen now (hw.fit.default_model: memory and speed) and
+    remembered. A choice remembered by an older version has no speed: 0."""
     from stigmer.fsutil import atomic_write
 
     path = paths.data_dir / DEFAULT_CHOICE
     if hardware is None and not refresh:
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-            if (
-                isinstance(data, dict)
-                and isinstance(data.get("model"), str)
-                and isinstance(data.get("reason"), str)
-            ):
-                return data["model"], data["reason"]
-        except (OSError, ValueError):
-            pass
+        remembered = read_default_choice(path)  # the light reader the quick status shares
+        if remembered is not None:
+            return remembered
     if hardware is None:
         from stigmer.hw.report import detect
 
         hardware = detect(paths.models_dir)
     from stigmer.hw.fit import default_model
 
-    name, reason = default_model(hardware.ram_total, hardware.vram_total)
+    choice = default_model(hardware)
     record = {
-        "model": name,
-        "reason": reason,
+        "model": choice.model,
+        "reason": choice.reason,
+        "tokens_per_second": choice.tokens_per_second,
+        "runs_on": choice.runs_on,
         "ram_total": hardware.ram_total,
         "vram_total": hardware.vram_total,
+        "cpu_cores": hardware.cpu.physical_cores,
     }
     if paths.home.is_dir():  # a status before the first start writes nothing
         try:
@@ -90,7 +88,7 @@ def default_choice(
             atomic_write(path, json.dumps(record, indent=2).encode())
         except OSError as e:
             log.info("could not remember the default model in %s: %s", path, e)
-    return name, reason
+    return choice.model, choice.reason, choice.tokens_per_second
 
 
 def placement(entry: Mapping[str, Any]) -> tuple[str, str]:
@@ -152,8 +150,9 @@ class OllamaProvider(Provider, LocalRuntime, ModelCatalog):
     ) -> None:
         super().__init__(settings, paths, model=model, base_url=base_url, extra=extra)
         self.default_reason = ""  # why this machine got its default model (when llm.model is not set)
+        self.expected_speed = 0.0  # the default model's estimated tokens/s here (0: not estimated)
         if model is None and uses_default_model(settings):
-            self.model, self.default_reason = default_choice(paths)
+            self.model, self.default_reason, self.expected_speed = default_choice(paths)
 
     # -- running? ----------------------------------------------------------------------------------
     def is_running(self) -> bool:
@@ -357,9 +356,7 @@ class OllamaProvider(Provider, LocalRuntime, ModelCatalog):
         notes: list[str] = []
         runs_on = ""
         if self.default_reason:
-            notes.append(
-                f"Chosen for this machine ({self.default_reason}); to choose: stigmer config set llm.model NAME"
-            )
+            notes.append(chosen_note(self.default_reason))
         if running:
             try:
                 available = [m.name for m in self.list_models()]
@@ -382,6 +379,7 @@ class OllamaProvider(Provider, LocalRuntime, ModelCatalog):
             base_url=self.base_url,
             notes=notes,
             runs_on=runs_on,
+            expected_tokens_per_second=self.expected_speed,
         )
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -19,8 +20,11 @@ from starlette.routing import Route
 from stigmer import __version__
 from stigmer.config.store import Settings
 from stigmer.errors import ErrorCode, StigmerError
+from stigmer.nesting import MAX_DEPTH, deeper_than
 from stigmer.paths import Paths
 from stigmer.server.api.auth import BearerToken
+
+log = logging.getLogger(__name__)
 
 MAX_BODY = 2 * 1024 * 1024
 
@@ -29,32 +33,72 @@ def error_response(e: StigmerError) -> JSONResponse:
     return JSONResponse({"error": e.to_dict()}, status_code=e.code.http_status)
 
 
+def _too_large() -> StigmerError:
+    return StigmerError(
+        f"The request body is larger than {MAX_BODY // (1024 * 1024)} MB.", code=ErrorCode.TOO_LARGE
+    )
+
+
+def _too_deep() -> StigmerError:
+    return StigmerError(
+        f"The request body nests more than {MAX_DEPTH} levels deep.", code=ErrorCode.INVALID_INPUT
+    )
+
+
 async def body_of(request: Request) -> dict[str, Any]:
-    raw = await request.body()
-    if len(raw) > MAX_BODY:
-        raise StigmerError("The request body is too large.", code=ErrorCode.INVALID_INPUT)
+    """The JSON object in the body. A body over MAX_BODY is refused (413) by its Content-Length before
+    any of it is read, or (chunked, without one) as soon as what was read passes the limit."""
+    declared = request.headers.get("content-length", "")
+    if declared.isascii() and declared.isdigit() and int(declared) > MAX_BODY:
+        raise _too_large()
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY:
+            raise _too_large()
+        chunks.append(chunk)
+    raw = b"".join(chunks)
     try:
         data = json.loads(raw or b"{}")
     except ValueError:
         raise StigmerError("The request body is not JSON.", code=ErrorCode.INVALID_INPUT) from None
+    except RecursionError:  # the C parser counts its depth against the recursion limit
+        raise _too_deep() from None
+    if deeper_than(data):
+        raise _too_deep()
     if not isinstance(data, dict):
         raise StigmerError("The request body must be a JSON object.", code=ErrorCode.INVALID_INPUT)
     return data
 
 
-def create_app(settings: Settings, paths: Paths, *, token: str) -> Any:
+def create_app(settings: Settings, paths: Paths, *, token: str, worker_token: str | None = None) -> Any:
     """The ASGI application: guard(auth(routes))."""
     from stigmer.agents.spec import from_dict, parse_yaml
     from stigmer.net.guard import LoopbackGuard
+    from stigmer.server.api import runner_routes
+    from stigmer.server.api.temporal_ui import LINK_TTL, SIGNIN_PATH, ByPort, Sessions, TemporalUiGuard
     from stigmer.server.db import Database
     from stigmer.server.executions import Executions
+    from stigmer.server.keys import key_id, payload_key
 
     state: dict[str, Executions] = {}
+    sessions = Sessions()
+    ui = (
+        TemporalUiGuard(
+            port=settings.temporal.ui_port,
+            internal_port=lambda: _ui_internal_port(paths),
+            sessions=sessions,
+            key=payload_key(paths),
+        )
+        if settings.temporal.managed and settings.temporal.ui_port
+        else None
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
         db = Database(paths.data_dir / "stigmer.db")
-        state["x"] = Executions(db, settings)
+        state["x"] = Executions(db, settings, paths)
         await state["x"].resume()
         yield
         db.close()
@@ -77,6 +121,10 @@ def create_app(settings: Settings, paths: Paths, *, token: str) -> Any:
         if request.method == "GET":
             return JSONResponse([a.to_dict() for a in ex().agents()])
         body = await body_of(request)
+        if "yaml" in body and not isinstance(body["yaml"], str):
+            raise StigmerError(
+                "`yaml` must be the text of an agent file (a string).", code=ErrorCode.INVALID_INPUT
+            )
         spec = (
             parse_yaml(body["yaml"], str(body.get("source") or "agent file"))
             if "yaml" in body
@@ -106,7 +154,7 @@ def create_app(settings: Settings, paths: Paths, *, token: str) -> Any:
             q = request.query_params
             limit = (
                 min(max(int(q.get("limit", "20") or 20), 1), 500)
-                if (q.get("limit") or "20").isdigit()
+                if (q.get("limit") or "20").isascii() and (q.get("limit") or "20").isdigit()
                 else 20
             )
             state_filter = (q.get("state") or "").upper() or None
@@ -134,31 +182,47 @@ def create_app(settings: Settings, paths: Paths, *, token: str) -> Any:
 
     async def events(request: Request) -> Response:
         exec_id = request.path_params["id"]
-        if request.method == "POST":
-            body = await body_of(request)
-            batch = body.get("events")
-            if not isinstance(batch, list):
-                raise StigmerError("`events` must be a list.", code=ErrorCode.INVALID_INPUT)
-            ex().ingest(exec_id, batch)
-            return JSONResponse({"accepted": len(batch)})
         from sse_starlette.sse import EventSourceResponse
 
         last = request.headers.get("last-event-id") or request.query_params.get("after") or "0"
-        after = int(last) if last.isdigit() else 0
+        after = int(last) if last.isascii() and last.isdigit() else 0
+        ex().record(exec_id, messages=False)  # an unknown id is a 404 before the stream starts
         stream = ex().stream(exec_id, after)
-        first = await anext(stream, None)  # an unknown id is a 404 before the stream starts
 
         async def sse() -> AsyncIterator[dict[str, str]]:
-            if first is not None:
-                yield _sse(*first)
+            yield {"comment": "stream open"}  # the headers go out now, not with the first event
             async for item in stream:
                 yield _sse(*item)
 
         return EventSourceResponse(sse(), ping=None)
 
+    async def temporal_ui_link(_request: Request) -> JSONResponse:
+        if ui is None:
+            raise StigmerError(
+                "Temporal's Web UI is off (temporal.ui_port is 0, or Temporal is not managed by Stigmer).",
+                hint="Turn it on: stigmer config set temporal.ui_port 8233 && stigmer server restart",
+                code=ErrorCode.UNSUPPORTED,
+            )
+        url = f"{ui.origin}{SIGNIN_PATH}?t={sessions.link()}"
+        return JSONResponse({"url": url, "expires_in": int(LINK_TTL)})
+
     async def on_stigmer_error(_request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StigmerError)
-        return error_response(exc)
+        response = error_response(exc)
+        if exc.code is ErrorCode.TOO_LARGE:
+            response.headers["Connection"] = "close"  # the rest of the body is not read: end the connection
+        return response
+
+    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # A bug, never the client's input: a JSON 500 in the error shape, not a bare text one. Starlette
+        # raises it again after this answer, so uvicorn logs its traceback to the server's log.
+        log.error("%s %s failed: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
+        internal = StigmerError(
+            "The server failed unexpectedly (a bug).",
+            hint="Its log has the details: stigmer server logs -c server",
+            code=ErrorCode.INTERNAL,
+        )
+        return error_response(internal)
 
     async def on_http_error(_request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, HTTPException)
@@ -177,15 +241,33 @@ def create_app(settings: Settings, paths: Paths, *, token: str) -> Any:
             Route("/v1/executions/{id}/cancel", cancel, methods=["POST"]),
             Route("/v1/executions/{id}/approve", approve, methods=["POST"]),
             Route("/v1/executions/{id}/deny", approve, methods=["POST"]),
-            Route("/v1/executions/{id}/events", events, methods=["GET", "POST"]),
+            Route("/v1/executions/{id}/events", events),
+            Route("/v1/temporal-ui/signin", temporal_ui_link, methods=["POST"]),
+            *runner_routes.routes(ex, key_id(payload_key(paths))),
         ],
-        exception_handlers={StigmerError: on_stigmer_error, HTTPException: on_http_error},
+        exception_handlers={
+            StigmerError: on_stigmer_error,
+            HTTPException: on_http_error,
+            Exception: on_unexpected,
+        },
         lifespan=lifespan,
     )
-    return LoopbackGuard(BearerToken(app, token=token), allowed_origins=())
+    api = LoopbackGuard(BearerToken(app, token=token, worker_token=worker_token), allowed_origins=())
+    if ui is None:
+        return api
+    return ByPort(api, {settings.temporal.ui_port: ui})
 
 
 def _sse(seq: int, kind: str, data: dict[str, Any]) -> dict[str, str]:
     if kind == "ping":
         return {"comment": "ping"}
     return {"id": str(seq), "event": kind, "data": json.dumps(data)}
+
+
+def _ui_internal_port(paths: Paths) -> int:
+    """Where the managed Temporal's UI listens now, from its service record."""
+    from stigmer.server.specs import TEMPORAL
+    from stigmer.services.manager import Services
+
+    rec = Services(paths).record(TEMPORAL)
+    return int(rec.info.get("ui_internal_port") or 0) if rec else 0
