@@ -5,6 +5,8 @@ holding a config file (provider llamacpp on a free loopback port) and bytecode c
 (PYTHONPYCACHEPREFIX), as a pip install has it. Cases:
   (a) nothing running: the status probe meets a closed port;
   (a') the same without a bytecode cache, when PYTHONDONTWRITEBYTECODE is set here (as in this sandbox);
+  (c) nothing running, the Local LLM runtime (the default provider) with llm.model not set: the model
+      this machine's start chose, read from data/default-model.json (issue 14's case);
   (b) a Local LLM running: the built-in engine, started through the product (`stigmer server`), stopped
       at the end with `stigmer server stop`.
 Prints median / p90 of both and the difference (target: status under 100 ms here), the command's phases
@@ -63,6 +65,20 @@ def write_config(home: Path, port: int) -> None:
     store.set_value(paths, "llm.provider", "llamacpp")
     store.set_value(paths, "llm.base_url", f"http://127.0.0.1:{port}")
     store.set_value(paths, "llm.context_size", "1024")
+
+
+def runtime_env(env: dict[str, str], tmp: Path) -> dict[str, str]:
+    """Case (c): another home with the default config file and this machine's default model chosen
+    (as `stigmer server` leaves them), the runtime provider on a free port where nothing listens."""
+    from stigmer.llm.ollama.provider import default_choice
+
+    home = tmp / "home-runtime"
+    paths = Paths(home)
+    paths.home.mkdir(parents=True)
+    store.ensure_file(paths)
+    default_choice(paths, refresh=True)
+    out = {k: v for k, v in env.items() if k not in ("STIGMER_LLM_PROVIDER", "STIGMER_LLM_CONTEXT_SIZE")}
+    return {**out, "STIGMER_HOME": str(home), "STIGMER_LLM_BASE_URL": f"http://127.0.0.1:{free_port()}"}
 
 
 def run_once(argv: list[str], env: dict[str, str]) -> float:
@@ -167,12 +183,26 @@ from stigmer.cli import main as m
 t1 = time.perf_counter()
 args = m._parser().parse_args(["server", "llm", "status"])
 t2 = time.perf_counter()
-from stigmer.cli.common import context
-paths, settings = context()
+from stigmer.cli import llm_cmd
+from stigmer.llm.status import LlmStatus
+from stigmer.paths import Paths
+paths = Paths.from_env()
+st = None
+if llm_cmd._server_may_run(paths):
+    from stigmer.server import control
+    daemon = control.fetch_status(paths)
+    if daemon is not None and isinstance(daemon.get("llm"), dict):
+        st = LlmStatus.from_dict(daemon["llm"])
 t3 = time.perf_counter()
-from stigmer.llm import active
+if st is None:
+    from stigmer.llm.quick_status import quick_status
+    st = quick_status(paths)
 t4 = time.perf_counter()
-st = active.status(settings, paths)
+if st is None:
+    from stigmer.cli.common import context
+    from stigmer.llm import active
+    paths, settings = context()
+    st = active.status(settings, paths)
 t5 = time.perf_counter()
 real, sys.stdout = sys.stdout, open(os.devnull, "w")
 from stigmer.cli.render import Out
@@ -182,11 +212,11 @@ t6 = time.perf_counter()
 real.write(json.dumps([t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5]))
 """
 _PHASE_NAMES = [
-    "import stigmer.cli.main (argparse, logging, errors)",
-    "build the parser (imports config_cmd, llm_cmd, server_cmd)",
-    "context(): read config.yaml (ruamel.yaml)",
-    "import stigmer.llm.active",
-    "active.status(): pid record (psutil), provider import, HTTP probe, model store",
+    "import stigmer.cli.main (argparse, errors)",
+    "build the parser",
+    "a pid record? then ask the daemon (control.fetch_status: its API over HTTP, else the records)",
+    "nothing runs: quick_status (3 settings, one refused connect, default-model.json or the store)",
+    "the provider's status when quick_status is unsure (settings, provider, HTTP probe)",
     "render the block",
 ]
 
@@ -235,6 +265,11 @@ def main() -> None:
         # users do not pay): the same without site.
         compare("a', python -S: nothing running", env, args.n, nosite=True)
         breakdown("a", env)
+        runtime = runtime_env(env, tmp)
+        check_output(runtime, "Chosen for this machine")
+        compare("c: the runtime's default model, nothing running", runtime, args.n)
+        compare("c', python -S: the runtime's default model, nothing running", runtime, args.n, nosite=True)
+        breakdown("c", runtime)
         if os.environ.get("PYTHONDONTWRITEBYTECODE"):
             compare("a, no bytecode cache: PYTHONDONTWRITEBYTECODE=1 as inherited", uncached_env(env), args.n)
         if not args.skip_running:
