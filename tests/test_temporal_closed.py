@@ -368,6 +368,25 @@ def test_a_taken_temporal_ui_port_is_named_at_once(isolated_home: Paths, api: Fa
         took = time.monotonic() - t0
     finally:
         holder.close()
-    assert r.returncode == 7, r.stdout + r.stderr
+    assert r.returncode == 8, r.stdout + r.stderr  # a service could not start, as for the API's own port
     assert f"Port {port} on 127.0.0.1 is held by another program" in r.stderr
     assert "Traceback" not in r.stderr and took < 30, took
+
+
+def test_an_agent_that_names_its_model_runs_on_it(
+    isolated_home: Paths, server: FakeOpenAI, tmp_path: Path
+) -> None:
+    """The claim carries the worker's default LLM; an agent with a model of its own gets that one, and the
+    record and the `started` event say so."""
+    f = tmp_path / "picky.yaml"
+    f.write_text("name: picky\ninstructions: Be brief.\nmodel: gpt-4.1-mini\n")
+    assert run_cli("agent", "apply", "-f", str(f)).returncode == 0
+    r = run_cli("run", "picky", "-m", "hi")
+    assert r.returncode == 0, r.stderr
+    assert "gpt-4.1-mini" in r.stdout and server.requests[-1]["model"] == "gpt-4.1-mini"
+    exec_id = json.loads(run_cli("execution", "list", "--json").stdout)[0]["id"]
+    assert record(exec_id)["model"] == "gpt-4.1-mini"
+    started = [
+        line for line in run_cli("execution", "logs", exec_id).stdout.splitlines() if "started" in line
+    ]
+    assert started and "gpt-4.1-mini" in started[0]

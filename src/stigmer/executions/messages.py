@@ -21,6 +21,7 @@ class ClaimRequest(BaseModel):
     provider: str = Field(default="", max_length=64)
     model: str = Field(default="", max_length=300)
     endpoint: str = Field(default="", max_length=500)
+    default_llm: bool = False  # the worker's default LLM, sent before it knows the agent's own model
 
 
 class RunSpec(BaseModel):

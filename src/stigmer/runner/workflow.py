@@ -65,20 +65,28 @@ async def prepare(ref: ExecutionRef) -> Prepared:
             f"input for {ref.execution_id[:80]!r} given to workflow {workflow_id[:80]!r}",
             non_retryable=True,
         )
-    # The LLM first: the claim tells the API which one runs the execution.
+    # One round trip in the common case: the claim carries the LLM this worker serves by default, and the
+    # API records the start with it unless the agent names a model of its own; then a second call says
+    # which LLM runs it (the model is resolved on this worker, by its configuration).
+    default = llm.resolve(None)
     body: dict[str, Any] = {"ticket": ref.ticket, "run_id": info.workflow_run_id,
                             "worker": f"{socket.gethostname()}:{os.getpid()}"}  # fmt: skip
     try:
-        claimed = await call(f"/executions/{ref.execution_id}/claim", body)
+        claimed = await call(
+            f"/executions/{ref.execution_id}/claim", {**body, **_llm(default), "default_llm": True}
+        )
     except ApiRefused as e:
         raise Refused(f"Stigmer's API refused to run this execution: {e}", non_retryable=True) from None
     spec = RunSpec.model_validate(claimed)
-    target = llm.resolve(spec.model)
-    await call(
-        f"/executions/{ref.execution_id}/claim",
-        {**body, "provider": target.provider, "model": target.model, "endpoint": target.shown},
-    )
+    target = default
+    if spec.model:
+        target = llm.resolve(spec.model)
+        await call(f"/executions/{ref.execution_id}/claim", {**body, **_llm(target)})
     return Prepared(target=target, spec=spec)
+
+
+def _llm(target: LlmTarget) -> dict[str, str]:
+    return {"provider": target.provider, "model": target.model, "endpoint": target.shown}
 
 
 def _root(e: BaseException) -> str:

@@ -302,8 +302,9 @@ class Executions:
             raise StigmerError(
                 f"Execution {exec_id} belongs to another workflow run.", code=ErrorCode.ACCESS_DENIED
             )
-        if not req.provider:  # the first call: what to run; the second says which LLM runs it
-            return RunSpec.model_validate_json(row["spec"])
+        spec = RunSpec.model_validate_json(row["spec"])
+        if spec.model and req.default_llm:
+            return spec  # the agent names its model: the worker resolves it and says which LLM runs it
         first = row["started"] is None
         fields: dict[str, Any] = {
             "provider": req.provider,
@@ -320,7 +321,7 @@ class Executions:
                 EventKind.STARTED,
                 {k: fields[k] for k in ("provider", "model", "endpoint", "worker")},
             )
-        return RunSpec.model_validate_json(row["spec"])
+        return spec
 
     def decisions(self, exec_id: str, ticket: str, call_ids: list[str]) -> list[Decision]:
         """What people decided, through this API, for these calls (undecided ones are left out)."""
