@@ -224,20 +224,15 @@ class TemporalUiGuard:
                 "application/json",
             )
             return
-        raw = b""
-        while True:
-            message = await receive()
-            raw += message.get("body", b"")
-            if len(raw) > MAX_CODEC_BODY:
-                await _answer(
-                    send,
-                    413,
-                    b'{"error":{"code":"too_large","message":"Too many payloads."}}',
-                    "application/json",
-                )
-                return
-            if not message.get("more_body"):
-                break
+        raw = await _body(receive)
+        if raw is None:
+            await _answer(
+                send,
+                413,
+                b'{"error":{"code":"too_large","message":"Too many payloads."}}',
+                "application/json",
+            )
+            return
         from stigmer.executions.codec import decode_json
 
         try:
@@ -258,15 +253,10 @@ class TemporalUiGuard:
             page = _page("Temporal's UI is not running", "See: <code>stigmer server status</code>")
             await _answer(send, 503, page, "text/html; charset=utf-8")
             return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if len(body) > MAX_CODEC_BODY:
-                await _answer(send, 413, b"request too large", "text/plain")
-                return
-            if not message.get("more_body"):
-                break
+        body = await _body(receive)
+        if body is None:
+            await _answer(send, 413, b"request too large", "text/plain")
+            return
         forward = [(k, v) for k, v in headers if k not in ("host", "content-length", "connection", "cookie")]
         # The UI's own cookies (its CSRF token) go through; ours stays here.
         ui_cookies = [
@@ -328,6 +318,21 @@ class ByPort:
             else self.default
         )
         await app(scope, receive, send)
+
+
+async def _body(receive: Receive, limit: int = MAX_CODEC_BODY) -> bytes | None:
+    """The request body, or None once it passes `limit` (counted while it is read)."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+        if not message.get("more_body"):
+            return b"".join(chunks)
 
 
 async def _refuse(send: Send, why: str) -> None:
