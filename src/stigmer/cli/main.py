@@ -158,11 +158,46 @@ def _parser() -> argparse.ArgumentParser:
         description="Run an agent (the built-in `default` one when none is named) as a durable execution "
         "and stream its answer. Starts the server if it is not running. Ctrl-C cancels the execution.",
     )
-    run.add_argument("agent", nargs="?", default="default", help="agent name (default: default)")
+    run.add_argument(
+        "agent", nargs="?", help="agent name (default: default, or the session's agent with --session/-c)"
+    )
     run.add_argument("-m", "--message", help="the message for the agent (read from stdin when absent)")
+    conversation = run.add_mutually_exclusive_group()
+    conversation.add_argument(
+        "--session", metavar="NAME", help="a turn of this conversation (started when it is new)"
+    )
+    conversation.add_argument(
+        "-c",
+        "--continue",
+        dest="continue_",
+        action="store_true",
+        help="a turn of the most recently used session",
+    )
     run.add_argument("--json", action="store_true", help="print the final execution record as JSON")
     run.add_argument("--detach", action="store_true", help="print the execution id and return at once")
     run.set_defaults(handler="run_cmd:run")
+
+    chat = sub.add_parser(
+        "chat",
+        help="talk with an agent at the terminal: each message is a turn of a session",
+        description="A conversation with an agent (the built-in `default` one when none is named): each "
+        "message is a turn of a session (a new one unless --session or -c), its answer streamed. Starts the "
+        'server if it is not running. /help lists the commands; """ starts and ends a message of several '
+        "lines; Ctrl-C cancels an answer; Ctrl-D leaves. When stdin is not a terminal, each line is a turn.",
+    )
+    chat.add_argument("agent", nargs="?", help="agent name (default: default, or the session's agent)")
+    chat_session = chat.add_mutually_exclusive_group()
+    chat_session.add_argument(
+        "--session", metavar="NAME", help="talk in this session (started when it is new)"
+    )
+    chat_session.add_argument(
+        "-c",
+        "--continue",
+        dest="continue_",
+        action="store_true",
+        help="go on with the most recently used session",
+    )
+    chat.set_defaults(handler="chat_cmd:chat")
 
     agent = sub.add_parser("agent", help="define agents (YAML files) and see them")
     asub = agent.add_subparsers(dest="agent_command", metavar="SUBCOMMAND", required=True)
@@ -213,6 +248,26 @@ def _parser() -> argparse.ArgumentParser:
             "--always", action="store_true", help=f"{text} this tool for the rest of the execution"
         )
         ea.set_defaults(handler=f"run_cmd:execution_{verb}")
+
+    ses = sub.add_parser("session", help="conversations: each turn is an execution (stigmer run --session)")
+    ssub2 = ses.add_subparsers(dest="session_command", metavar="SUBCOMMAND", required=True)
+    sl = ssub2.add_parser("list", help="sessions, most recently used first")
+    sl.add_argument("--agent", help="only of this agent")
+    sl.add_argument("--json", action="store_true", help="machine-readable output")
+    sl.set_defaults(handler="session_cmd:session_list")
+    sg = ssub2.add_parser("get", help="one session's transcript, turn by turn")
+    sg.add_argument("name")
+    sg.add_argument("--json", action="store_true", help="machine-readable output")
+    sg.set_defaults(handler="session_cmd:session_get")
+    sr = ssub2.add_parser("rm", help="remove a session")
+    sr.add_argument("name")
+    sr.set_defaults(handler="session_cmd:session_rm")
+    sf = ssub2.add_parser("fork", help="a new session with the first turns of this one (it stays as it is)")
+    sf.add_argument("name")
+    sf.add_argument("--at", type=int, metavar="TURN", help="keep turns 1 to TURN (default: the last turn)")
+    sf.add_argument("--name", dest="new_name", metavar="NEW", help="the new session's name (default: picked)")
+    sf.add_argument("--json", action="store_true", help="machine-readable output")
+    sf.set_defaults(handler="session_cmd:session_fork")
 
     wk = sub.add_parser(
         "worker",

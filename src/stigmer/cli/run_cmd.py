@@ -53,7 +53,16 @@ def run(args: argparse.Namespace) -> int:
     out = Out()
     message = _message(args)
     api = _api(start=True, out=out)
-    record = _submit(api, {"agent": args.agent, "message": message}, out)
+    session, continue_ = getattr(args, "session", None), getattr(args, "continue_", False)
+    body: dict[str, Any] = {}
+    if args.agent is not None or not (session or continue_):
+        body["agent"] = args.agent or "default"  # a session's own agent unless one is named
+    body["message"] = message
+    if session is not None:
+        body["session"] = session
+    elif continue_:
+        body["continue"] = True
+    record = _submit(api, body, out)
     exec_id = str(record["id"])
     if args.detach:
         out.line(exec_id)
@@ -165,6 +174,8 @@ class StreamView:
         else:
             self._print(f"{marks['failed']} Execution failed: {rec.get('error') or 'unknown reason'}")
         self._print(self.out.rule)
+        if rec.get("session"):
+            self._print(f"Session: {rec['session']} (turn {rec.get('turn')})")
         usage = rec.get("usage") or {}
         self._print(f"Duration: {rec.get('duration') or 0:.1f}s")
         if rec.get("model"):
@@ -276,12 +287,19 @@ def _daemon_runs() -> bool:
 
 
 def follow(
-    api: ApiClient, exec_id: str, out: Out, *, json_output: bool = False, cancel_on_interrupt: bool
+    api: ApiClient,
+    exec_id: str,
+    out: Out,
+    *,
+    json_output: bool = False,
+    cancel_on_interrupt: bool,
+    view: StreamView | None = None,
 ) -> int:
     """Show an execution's events until it ends. A stream that drops, or a server that refuses while
     its supervisor restarts it, is followed again from the last event seen (Last-Event-ID), for up to
-    RECONNECT_SECONDS; then a clear error (NOT_RUNNING)."""
-    view = StreamView(out, quiet=json_output)
+    RECONNECT_SECONDS; then a clear error (NOT_RUNNING). `view`: how the events are shown (`stigmer
+    chat` shows less than `run`)."""
+    view = StreamView(out, quiet=json_output) if view is None else view
     link = Reconnect(out, exec_id, view)
     path = f"/v1/executions/{exec_id}/events"
     last = ""

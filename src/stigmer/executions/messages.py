@@ -37,6 +37,8 @@ class RunSpec(BaseModel):
     tools: list[Any] = []
     mcp_servers: list[dict[str, Any]] = []
     workspace: str | None = None
+    session: str | None = None  # a turn of this session: the worker reads the transcript from the API
+    turn: int | None = None
 
 
 class EventBatch(BaseModel):

@@ -66,6 +66,7 @@ class RunDeps(BaseModel):
     agent: str = "default"
     tools: list[dict[str, Any]] = []  # ToolConfig fields, from the agent file
     workspace: str | None = None  # the agent file's workspace folder, when it names one
+    session: str | None = None  # a turn of a conversation: its transcript is read by the model activity
 
 
 def _model(ctx: Any, model_id: str) -> Any:
@@ -74,7 +75,16 @@ def _model(ctx: Any, model_id: str) -> Any:
         return None
     deps: RunDeps = ctx.deps
     # In the workflow the model only describes itself (the request runs in an activity): no key, no I/O.
-    return llm.build(deps.target, key="unused" if workflow.in_workflow() else None)
+    if workflow.in_workflow():
+        return llm.build(deps.target, key="unused")
+    model = llm.build(deps.target)
+    if deps.session:
+        from stigmer.runner.transcript import WithTranscript
+
+        # The conversation so far reaches the model here, in the activity, read from the API: it never
+        # crosses Temporal, so a turn's history does not grow with its session.
+        return WithTranscript(model, deps.execution_id, deps.ticket, deps.target.context)
+    return model
 
 
 async def _stream(ctx: RunContext[RunDeps], events: AsyncIterable[AgentStreamEvent]) -> None:

@@ -19,6 +19,7 @@ class LlmTarget(BaseModel):
     model: str
     base_url: str  # what the client takes: .../v1 for the OpenAI API, the root for Anthropic
     kind: str  # openai | anthropic (which wire protocol)
+    context: int = 0  # the model's context window in tokens, where this worker knows it (0: unknown)
 
     @property
     def shown(self) -> str:
@@ -36,7 +37,39 @@ def resolve(model: str | None) -> LlmTarget:
     provider = active.provider(settings, paths)
     endpoint = provider.endpoint(model or provider.model)
     kind = "anthropic" if provider.name == "anthropic" else "openai"
-    return LlmTarget(provider=provider.name, model=endpoint.model, base_url=endpoint.base_url, kind=kind)
+    return LlmTarget(
+        provider=provider.name,
+        model=endpoint.model,
+        base_url=endpoint.base_url,
+        kind=kind,
+        context=context_window(provider.name, endpoint.model, paths),
+    )
+
+
+# Remote models' context windows by name prefix (tokens), as their providers publish them.
+KNOWN_CONTEXTS = (("gpt-4.1", 1_047_576), ("gpt-4o", 128_000), ("gpt-5", 400_000), ("o3", 200_000),
+                  ("o4", 200_000), ("claude", 200_000))  # fmt: skip
+OLLAMA_DEFAULT_CONTEXT = 4096  # Ollama's num_ctx unless OLLAMA_CONTEXT_LENGTH says otherwise
+
+
+def context_window(provider: str, model: str, paths: Any) -> int:
+    """What this worker knows of the model's context: the built-in engine's --ctx-size (from its service
+    record), Ollama's default, a remote model's published window; 0 when unknown (a context overflow is
+    then handled when the model reports it: runner/transcript.py)."""
+    import os
+
+    if provider == "llamacpp":
+        from stigmer.services.manager import Services
+
+        rec = Services(paths).record("llm")
+        argv = list(rec.argv) if rec is not None else []
+        if "--ctx-size" in argv[:-1] and argv[argv.index("--ctx-size") + 1].isdigit():
+            return int(argv[argv.index("--ctx-size") + 1])
+        return 0
+    if provider == "ollama":
+        raw = os.environ.get("OLLAMA_CONTEXT_LENGTH", "")
+        return int(raw) if raw.isdigit() else OLLAMA_DEFAULT_CONTEXT
+    return next((size for prefix, size in KNOWN_CONTEXTS if model.startswith(prefix)), 0)
 
 
 def api_key(target: LlmTarget) -> str:

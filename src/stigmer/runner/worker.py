@@ -43,7 +43,7 @@ async def connect(settings: Settings, paths: Paths) -> object:
     for attempt in range(1, CONNECT_ATTEMPTS + 1):
         try:
             # The plugin brings pydantic payloads and registers the agent's own activities with the worker.
-            return await connect_temporal(settings, paths, plugins=[PydanticAIPlugin()])
+            return await connect_temporal(settings, paths, plugins=[PydanticAIPlugin()], store="api")
         except StigmerError:
             raise
         except Exception as e:  # noqa: BLE001 - temporalio raises RuntimeError for every connect failure

@@ -27,6 +27,7 @@ with workflow.unsafe.imports_passed_through():
     from stigmer.runner.agent import MODEL_PREFIX, RunDeps, agent, tool_agent
     from stigmer.runner.approvals import Approvals
     from stigmer.runner.llm import LlmTarget
+    from stigmer.runner.transcript import TRANSCRIPT_FAILED
 
 
 class ExecutionOutput(BaseModel):
@@ -151,6 +152,7 @@ class AgentExecution(PydanticAIWorkflow, Approvals):
                     agent=inp.agent,
                     tools=tools,
                     workspace=inp.workspace,
+                    session=inp.session,
                 ),
                 instructions=inp.instructions or None,
                 model_settings=settings,
@@ -160,6 +162,8 @@ class AgentExecution(PydanticAIWorkflow, Approvals):
 
             if (server_failed := setup_failure(e)) is not None:  # an MCP server that cannot start: name it
                 raise ApplicationError(server_failed, non_retryable=True) from e
+            if _root(e).startswith(TRANSCRIPT_FAILED):  # the conversation could not be read: say so
+                raise ApplicationError(_root(e), non_retryable=True) from e
             # pydantic-ai turns a model activity that failed every attempt into its own error: name the LLM.
             raise ApplicationError(
                 f"The LLM at {target.shown} ({target.provider}, model {target.model}) failed after "

@@ -92,6 +92,35 @@ MIGRATIONS: list[str] = [
     ALTER TABLE events ADD COLUMN batch TEXT;
     CREATE INDEX events_by_batch ON events (execution_id, batch) WHERE batch IS NOT NULL;
     """,
+    # 4: sessions: an agent and its turns, each turn an execution (a fork shares the turns it copies)
+    """
+    CREATE TABLE sessions (
+        name TEXT PRIMARY KEY,
+        agent TEXT NOT NULL,
+        created REAL NOT NULL,
+        updated REAL NOT NULL,
+        forked_from TEXT,
+        forked_at INTEGER
+    );
+    CREATE TABLE session_turns (
+        session TEXT NOT NULL REFERENCES sessions (name) ON DELETE CASCADE,
+        turn INTEGER NOT NULL,
+        execution_id TEXT NOT NULL REFERENCES executions (id),
+        PRIMARY KEY (session, turn)
+    );
+    ALTER TABLE executions ADD COLUMN session TEXT;
+    ALTER TABLE executions ADD COLUMN turn INTEGER;
+    ALTER TABLE executions ADD COLUMN turns_left_out INTEGER NOT NULL DEFAULT 0;
+    """,
+    # 5: the payload codec's claim check: payloads too large for Temporal's history, sealed (encrypted)
+    # bytes under their sha256 (executions/payload_store.py)
+    """
+    CREATE TABLE payloads (
+        ref TEXT PRIMARY KEY,
+        data BLOB NOT NULL,
+        created REAL NOT NULL
+    );
+    """,
 ]
 
 TERMINAL = ("COMPLETED", "FAILED", "CANCELLED")
@@ -425,3 +454,171 @@ class Database:
                 "UPDATE approvals SET decision = ?, decided = ? WHERE execution_id = ? AND decision IS NULL",
                 (decision, time.time(), exec_id),
             )
+
+    # -- sessions ----------------------------------------------------------------------------------------
+    def start_turn(
+        self, exec_id: str, session: str, agent: str | None, message: str, fields: dict[str, Any]
+    ) -> tuple[str, int]:
+        """Create the execution of a session's next turn, in one transaction: the session is made if it
+        is new; a turn still running (pending, in progress, waiting for approval) makes this one BUSY.
+        Returns the session's agent and the new turn's number."""
+        marks = ",".join("?" * len(TERMINAL))
+        now = time.time()
+        with self.tx() as c:
+            row = c.execute("SELECT agent FROM sessions WHERE name = ?", (session,)).fetchone()
+            if row is None:
+                owner = agent or "default"
+                c.execute(
+                    "INSERT INTO sessions (name, agent, created, updated) VALUES (?, ?, ?, ?)",
+                    (session, owner, now, now),
+                )
+            else:
+                owner = str(row["agent"])
+                if agent and agent != owner:
+                    raise StigmerError(
+                        f"Session {session!r} is a conversation with the agent {owner!r}, not {agent!r}.",
+                        hint="Continue it without naming an agent, or start another: --session NEW-NAME",
+                        code=ErrorCode.INVALID_INPUT,
+                    )
+            running = c.execute(
+                f"SELECT e.id, e.state FROM session_turns t JOIN executions e ON e.id = t.execution_id "  # noqa: S608
+                f"WHERE t.session = ? AND e.state NOT IN ({marks}) ORDER BY t.turn DESC LIMIT 1",
+                (session, *TERMINAL),
+            ).fetchone()
+            if running is not None:
+                raise StigmerError(
+                    f"Session {session!r} has a turn still running: {running['id']} ({running['state']}).",
+                    hint=f"Wait for it (stigmer execution logs -f {running['id']}) or cancel it "
+                    f"(stigmer execution cancel {running['id']}).",
+                    code=ErrorCode.BUSY,
+                )
+            last = c.execute("SELECT COALESCE(MAX(turn), 0) FROM session_turns WHERE session = ?", (session,))
+            turn = int(last.fetchone()[0]) + 1
+            cols = {"id": exec_id, "agent": owner, "state": "PENDING", "message": message, "created": now,
+                    "session": session, "turn": turn, **fields}  # fmt: skip
+            c.execute(
+                f"INSERT INTO executions ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",  # noqa: S608
+                tuple(cols.values()),
+            )
+            c.execute(
+                "INSERT INTO session_turns (session, turn, execution_id) VALUES (?, ?, ?)",
+                (session, turn, exec_id),
+            )
+            c.execute("UPDATE sessions SET updated = ? WHERE name = ?", (now, session))
+        return owner, turn
+
+    def create_session(self, name: str, agent: str) -> bool:
+        """An empty session; False when the name is taken."""
+        now = time.time()
+        with self.tx() as c:
+            return (
+                c.execute(
+                    "INSERT OR IGNORE INTO sessions (name, agent, created, updated) VALUES (?, ?, ?, ?)",
+                    (name, agent, now, now),
+                ).rowcount
+                > 0
+            )
+
+    def last_session(self) -> str | None:
+        rows = self.query("SELECT name FROM sessions ORDER BY updated DESC LIMIT 1")
+        return str(rows[0]["name"]) if rows else None
+
+    def get_session(self, name: str) -> dict[str, Any] | None:
+        rows = self.query("SELECT * FROM sessions WHERE name = ?", name)
+        return dict(rows[0]) if rows else None
+
+    def list_sessions(self, agent: str | None = None) -> list[dict[str, Any]]:
+        sql = "SELECT * FROM sessions" + (" WHERE agent = ?" if agent else "") + " ORDER BY updated DESC"
+        return [dict(r) for r in self.query(sql, *([agent] if agent else []))]
+
+    def session_turns(self, name: str) -> list[dict[str, Any]]:
+        rows = self.query(
+            "SELECT t.turn, t.execution_id, e.state, e.message, e.output, e.created, e.error "
+            "FROM session_turns t JOIN executions e ON e.id = t.execution_id WHERE t.session = ? ORDER BY t.turn",
+            name,
+        )
+        return [dict(r) for r in rows]
+
+    def delete_session(self, name: str) -> None:
+        """Remove a session (its executions stay, as records); not while a turn runs (BUSY)."""
+        marks = ",".join("?" * len(TERMINAL))
+        with self.tx() as c:
+            running = c.execute(
+                f"SELECT e.id FROM session_turns t JOIN executions e ON e.id = t.execution_id "  # noqa: S608
+                f"WHERE t.session = ? AND e.state NOT IN ({marks}) LIMIT 1",
+                (name, *TERMINAL),
+            ).fetchone()
+            if running is not None:
+                raise StigmerError(
+                    f"Session {name!r} has a turn still running ({running['id']}): it cannot be removed now.",
+                    hint=f"Cancel it first: stigmer execution cancel {running['id']}",
+                    code=ErrorCode.BUSY,
+                )
+            c.execute("DELETE FROM sessions WHERE name = ?", (name,))
+
+    def fork_session(self, name: str, at: int, new: str) -> None:
+        """A new session with the first `at` turns of `name` (the same executions: nothing is copied)."""
+        now = time.time()
+        with self.tx() as c:
+            src = c.execute("SELECT agent FROM sessions WHERE name = ?", (name,)).fetchone()
+            if c.execute("SELECT 1 FROM sessions WHERE name = ?", (new,)).fetchone() is not None:
+                raise StigmerError(
+                    f"There is a session named {new!r} already.", hint="Choose another: --name NEW",
+                    code=ErrorCode.CONFLICT,
+                )  # fmt: skip
+            c.execute(
+                "INSERT INTO sessions (name, agent, created, updated, forked_from, forked_at) VALUES (?, ?, ?, ?, ?, ?)",
+                (new, src["agent"], now, now, name, at),
+            )
+            c.execute(
+                "INSERT INTO session_turns (session, turn, execution_id) "
+                "SELECT ?, turn, execution_id FROM session_turns WHERE session = ? AND turn <= ?",
+                (new, name, at),
+            )
+
+    def transcript(self, session: str, before: int) -> list[dict[str, Any]]:
+        """The messages of the session's completed turns before turn `before`, in order (without their
+        system messages): what the model is told the conversation was. One query, however long."""
+        rows = self.query(
+            "SELECT t.turn, t.execution_id, m.role, m.content, m.data FROM session_turns t "
+            "JOIN executions e ON e.id = t.execution_id JOIN messages m ON m.execution_id = t.execution_id "
+            "WHERE t.session = ? AND t.turn < ? AND e.state = 'COMPLETED' AND m.role != 'system' "
+            "ORDER BY t.turn, m.seq",
+            session,
+            before,
+        )
+        out: list[dict[str, Any]] = []
+        for r in rows:
+            m: dict[str, Any] = {"role": r["role"], "content": r["content"]}
+            if r["data"]:
+                try:
+                    m["data"] = json.loads(r["data"])
+                except ValueError as e:  # a damaged row: an error for this session only
+                    turn = int(r["turn"])
+                    raise StigmerError(
+                        f"Turn {turn} of session {session!r} ({r['execution_id']}) is damaged in the database: {e}.",
+                        hint=f"Continue from before it: stigmer session fork {session} --at {turn - 1}"
+                        if turn > 1
+                        else f"Start the conversation again: stigmer session rm {session}",
+                        code=ErrorCode.CONFLICT,
+                    ) from None
+            out.append(m)
+        return out
+
+    # -- payloads: the claim check's sealed bytes, by sha256 ------------------------------------------
+    def put_payload(self, ref: str, data: bytes) -> None:
+        """Keep sealed bytes under their sha256 (checked here: a ref never holds other bytes; storing
+        the same bytes again changes nothing)."""
+        import hashlib
+
+        if hashlib.sha256(data).hexdigest() != ref:
+            raise ValueError(f"the bytes given for payload {ref[:80]} have another sha256")
+        with self.tx() as c:
+            c.execute(
+                "INSERT OR IGNORE INTO payloads (ref, data, created) VALUES (?, ?, ?)",
+                (ref, data, time.time()),
+            )
+
+    def get_payload(self, ref: str) -> bytes | None:
+        rows = self.query("SELECT data FROM payloads WHERE ref = ?", ref)
+        return bytes(rows[0]["data"]) if rows else None

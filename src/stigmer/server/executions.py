@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
@@ -49,7 +50,7 @@ PENDING, IN_PROGRESS, COMPLETED, FAILED, CANCELLED, WAITING_APPROVAL = (
     ExecutionState.CANCELLED.value,
     ExecutionState.WAITING_APPROVAL.value,
 )
-MAX_MESSAGE = 100_000
+MAX_MESSAGE = 1_000_000  # bytes of UTF-8: a message is a turn of a conversation, not a document
 START_WAIT = 10.0  # how long a claim waits for the API's own start_workflow call to return its run id
 
 
@@ -81,7 +82,7 @@ class Executions:
         deadline = time.monotonic() + 30
         while True:
             try:
-                self._client = await connect(self.settings, self.paths)
+                self._client = await connect(self.settings, self.paths, store=self.db)
                 return self._client
             except StigmerError:
                 raise
@@ -120,17 +121,35 @@ class Executions:
         return stored
 
     # -- executions ---------------------------------------------------------------------------------------
-    async def create(self, agent_name: str, message: str) -> dict[str, Any]:
+    async def create(
+        self, agent_name: str | None, message: str, *, session: str | None = None, continue_last: bool = False
+    ) -> dict[str, Any]:
+        """Start an execution: on its own, or as the next turn of a session (made when it is new; only one
+        turn of a session runs at a time). `continue_last`: the most recently used session."""
         if not isinstance(message, str) or not message.strip():
             raise StigmerError(
                 "The message is empty.", hint='Give one: stigmer run -m "..."', code=ErrorCode.INVALID_INPUT
             )
-        if len(message) > MAX_MESSAGE:
+        if len(message.encode("utf-8", "surrogatepass")) > MAX_MESSAGE:
             raise StigmerError(
-                f"The message is too long ({len(message)} characters; at most {MAX_MESSAGE}).",
-                code=ErrorCode.INVALID_INPUT,
+                f"The message is too long ({len(message.encode('utf-8', 'surrogatepass')):,} bytes; at most 1 MB).",
+                hint="Put a long text in a file in the agent's workspace and ask the agent to read it.",
+                code=ErrorCode.TOO_LARGE,
             )
-        spec = self.agent(agent_name)
+        if continue_last:
+            session = self.db.last_session()
+            if session is None:
+                raise StigmerError(
+                    "There is no conversation to continue yet.",
+                    hint='Start one: stigmer run -m "..." --session NAME',
+                    code=ErrorCode.NOT_FOUND,
+                )
+        owner: str | None = None
+        if session is not None:
+            check_session_name(session)
+            stored = self.db.get_session(session)
+            owner = stored["agent"] if stored else None
+        spec = self.agent(agent_name or owner or DEFAULT_AGENT)
         client = await self.client()
         exec_id = "ex-" + secrets.token_hex(8)
         ticket = secrets.token_urlsafe(24)
@@ -146,10 +165,19 @@ class Executions:
             mcp_servers=spec.mcp_servers,
             workspace=spec.workspace,
         )
-        self.db.create_execution(exec_id, spec.name, message, spec.model or self.settings.llm.model)
+        model = spec.model or self.settings.llm.model
+        if session is not None:
+            _, run.turn = self.db.start_turn(
+                exec_id, session, agent_name or None, message, {"model": model, "ticket": ticket}
+            )
+            run.session = session
+        else:
+            self.db.create_execution(exec_id, spec.name, message, model)
         try:
             self.db.update_execution(exec_id, spec=run.model_dump_json(), ticket=ticket)
-            self.publish(exec_id, EventKind.PENDING, {"agent": spec.name})
+            self.publish(
+                exec_id, EventKind.PENDING, {"agent": spec.name, "session": session, "turn": run.turn}
+            )
         except Exception:
             with contextlib.suppress(Exception):  # a full disk: no record left PENDING without a workflow
                 self.db.update_execution(exec_id, state=FAILED, finished=time.time(), error="Not started.")
@@ -323,6 +351,68 @@ class Executions:
             )
         return spec
 
+    def transcript(self, exec_id: str, ticket: str) -> list[dict[str, Any]]:
+        """The conversation before this turn (completed turns of its session), for the worker's model."""
+        row = self._ticketed(exec_id, ticket)
+        if not row.get("session") or not row.get("turn"):
+            return []
+        return self.db.transcript(str(row["session"]), int(row["turn"]))
+
+    # -- sessions -----------------------------------------------------------------------------------------
+    def session(self, name: str, *, turns: bool = True) -> dict[str, Any]:
+        check_session_name(name)
+        row = self.db.get_session(name)
+        if row is None:
+            raise StigmerError(
+                f"No session named {name!r}.",
+                hint="See them: stigmer session list",
+                code=ErrorCode.NOT_FOUND,
+            )
+        rows = self.db.session_turns(name)
+        last = rows[-1] if rows else None
+        out = {
+            **row,
+            "turns": len(rows),
+            "last_execution": last["execution_id"] if last else None,
+            "last_state": last["state"] if last else None,
+        }
+        if turns:
+            out["turns"] = rows
+        return out
+
+    def sessions(self, agent: str | None = None) -> list[dict[str, Any]]:
+        return [self.session(r["name"], turns=False) for r in self.db.list_sessions(agent)]
+
+    def new_session(self, name: str, agent: str | None) -> dict[str, Any]:
+        check_session_name(name)
+        self.agent(agent or DEFAULT_AGENT)  # an agent that is not there: 404 now, not at the first turn
+        if not self.db.create_session(name, agent or DEFAULT_AGENT):
+            raise StigmerError(f"There is a session named {name!r} already.", code=ErrorCode.CONFLICT)
+        return self.session(name, turns=False)
+
+    def remove_session(self, name: str) -> None:
+        self.session(name, turns=False)  # 404 for an unknown one
+        self.db.delete_session(name)
+
+    def fork(self, name: str, at: int | None, new: str | None) -> dict[str, Any]:
+        """A new session with the first `at` turns of `name` (default: all of them); `name` is untouched."""
+        count = self.session(name, turns=False)["turns"]
+        at = count if at is None else at
+        if not 1 <= at <= max(count, 0):
+            raise StigmerError(
+                f"Session {name!r} has no turn {at}: "
+                + (f"choose 1 to {count}." if count else "it has no turns yet."),
+                code=ErrorCode.INVALID_INPUT,
+            )
+        n = 1
+        while new is None:
+            candidate = f"{name[:56]}-fork-{n}"
+            new = candidate if self.db.get_session(candidate) is None else None
+            n += 1
+        check_session_name(new)
+        self.db.fork_session(name, at, new)
+        return self.session(new, turns=False)
+
     def decisions(self, exec_id: str, ticket: str, call_ids: list[str]) -> list[Decision]:
         """What people decided, through this API, for these calls (undecided ones are left out)."""
         self._ticketed(exec_id, ticket)
@@ -364,6 +454,10 @@ class Executions:
             if isinstance(attempt, int) and attempt > (row["attempts"] or 0):
                 row["attempts"] = attempt
                 self.db.update_execution(exec_id, attempts=attempt)
+            left_out = data.get("turns_left_out")
+            if kind == EventKind.NOTICE and isinstance(left_out, int) and not isinstance(left_out, bool):
+                # the model could not be sent the whole conversation: the record says how much it missed
+                self.db.update_execution(exec_id, turns_left_out=max(0, min(left_out, 1_000_000)))
             if kind == EventKind.APPROVAL_REQUIRED:
                 self.db.ask_approval(
                     exec_id,
@@ -501,6 +595,17 @@ class Executions:
             self.db.set_messages(exec_id, [{"role": "user", "content": row.get("message", "")}])
         record = self.record(exec_id)
         self.publish(exec_id, state.lower(), {"record": record})
+
+
+SESSION_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def check_session_name(name: str) -> None:
+    if not isinstance(name, str) or not SESSION_NAME.fullmatch(name):
+        raise StigmerError(
+            f"{str(name)[:80]!r} is not a session name: use letters, digits, - and _ (at most 64).",
+            code=ErrorCode.INVALID_INPUT,
+        )
 
 
 def _already(exec_id: str, approval: dict[str, Any]) -> StigmerError:

@@ -91,15 +91,21 @@ def _read_pem(key: str, value: str, kind: tuple[str, str]) -> bytes:
     )
 
 
-async def connect(settings: Settings, paths: Paths, *, plugins: list[Any] | None = None) -> Any:
-    """A connected temporalio Client with Stigmer's payload codec (one attempt; callers retry)."""
+async def connect(
+    settings: Settings, paths: Paths, *, plugins: list[Any] | None = None, store: Any = None
+) -> Any:
+    """A connected temporalio Client with Stigmer's payload codec (one attempt; callers retry).
+
+    `store` is where the codec keeps payloads too large for Temporal's history: the API passes its
+    Database, a worker "api" (through the API), anything else a payload_store.PayloadStore."""
     from temporalio.client import Client
 
     from stigmer.executions.codec import data_converter
+    from stigmer.executions.payload_store import resolve
 
     return await Client.connect(
         settings.temporal.address,
-        data_converter=data_converter(paths),
+        data_converter=data_converter(paths, resolve(store)),
         plugins=plugins or [],
         **client_options(settings),
     )

@@ -160,8 +160,43 @@ def create_app(settings: Settings, paths: Paths, *, token: str, worker_token: st
             state_filter = (q.get("state") or "").upper() or None
             return JSONResponse(ex().records(state=state_filter, agent=q.get("agent") or None, limit=limit))
         body = await body_of(request)
-        record = await ex().create(str(body.get("agent") or "default"), body.get("message", ""))
+        session = body.get("session")
+        if session is not None and not isinstance(session, str):
+            raise StigmerError("`session` must be a session's name.", code=ErrorCode.INVALID_INPUT)
+        record = await ex().create(
+            str(body["agent"]) if body.get("agent") else None,
+            body.get("message", ""),
+            session=session,  # "" is refused with the naming rule, never taken as "no session"
+            continue_last=body.get("continue") is True,
+        )
         return JSONResponse(record, status_code=201)
+
+    # -- sessions -------------------------------------------------------------------------------------
+    async def session_list(request: Request) -> JSONResponse:
+        if request.method == "GET":
+            return JSONResponse(ex().sessions(request.query_params.get("agent") or None))
+        body = await body_of(request)
+        made = ex().new_session(
+            str(body.get("name") or ""), str(body["agent"]) if body.get("agent") else None
+        )
+        return JSONResponse(made, status_code=201)
+
+    async def session(request: Request) -> JSONResponse:
+        name = request.path_params["name"]
+        if request.method == "DELETE":
+            ex().remove_session(name)
+            return JSONResponse({"removed": name})
+        return JSONResponse(ex().session(name))
+
+    async def fork(request: Request) -> JSONResponse:
+        body = await body_of(request)
+        at = body.get("at")
+        if at is not None and (not isinstance(at, int) or isinstance(at, bool)):
+            raise StigmerError("`at` must be a turn number.", code=ErrorCode.INVALID_INPUT)
+        new = body.get("name")
+        if new is not None and not isinstance(new, str):
+            raise StigmerError("`name` must be a session name.", code=ErrorCode.INVALID_INPUT)
+        return JSONResponse(ex().fork(request.path_params["name"], at, new), status_code=201)
 
     async def execution(request: Request) -> JSONResponse:
         return JSONResponse(ex().record(request.path_params["id"]))
@@ -243,6 +278,9 @@ def create_app(settings: Settings, paths: Paths, *, token: str, worker_token: st
             Route("/v1/executions/{id}/deny", approve, methods=["POST"]),
             Route("/v1/executions/{id}/events", events),
             Route("/v1/temporal-ui/signin", temporal_ui_link, methods=["POST"]),
+            Route("/v1/sessions", session_list, methods=["GET", "POST"]),
+            Route("/v1/sessions/{name}", session, methods=["GET", "DELETE"]),
+            Route("/v1/sessions/{name}/fork", fork, methods=["POST"]),
             *runner_routes.routes(ex, key_id(payload_key(paths))),
         ],
         exception_handlers={

@@ -234,9 +234,10 @@ class TemporalUiGuard:
             )
             return
         from stigmer.executions.codec import decode_json
+        from stigmer.executions.payload_store import local
 
         try:
-            out = await decode_json(self.key, json.loads(raw or b"{}"))
+            out = await decode_json(self.key, json.loads(raw or b"{}"), local())
         except Exception as e:  # noqa: BLE001 - malformed input or another key: say so, never a 500 page
             body = json.dumps({"error": {"code": "invalid_input", "message": f"Cannot decode: {e}"}})
             await _answer(send, 400, body.encode(), "application/json")
