@@ -108,9 +108,10 @@ def sandbox() -> Any:
 
 def warm_up() -> None:
     """Build one model: the OpenAI SDK and the model data load lazily on first use (~0.5-1.5 s here),
-    which inside a workflow task could trip Temporal's 2-second deadlock detector. Run in a thread once
-    the worker polls, so that its start (and `stigmer server`'s Ready!) does not wait for it; a workflow
-    task that comes meanwhile waits on the same import, for what is left of it."""
+    which inside a workflow task trips Temporal's 2-second deadlock detector. It runs in a thread while
+    the worker connects and checks the API, and is done before the worker polls: a workflow task that
+    waited on this import (work queued before a restart arrives at once) was evicted with its task
+    still running, and the worker's slots stayed taken for good (seen: executions stuck after a restart)."""
     from stigmer.runner import llm
 
     target = llm.LlmTarget(
@@ -125,11 +126,14 @@ async def serve(settings: Settings, paths: Paths, stop: asyncio.Event, stamp: Pa
 
     from stigmer.runner.registry import activities, workflows
 
+    warming = asyncio.create_task(asyncio.to_thread(warm_up))
     if not await check_api(paths, stop):
         return
     client = cast(Client, await connect(settings, paths))
-    warming = asyncio.create_task(asyncio.to_thread(warm_up))
-    warming.add_done_callback(_warmed)
+    try:
+        await warming
+    except Exception as e:  # noqa: BLE001 - the first execution loads it then
+        log.warning("warming up the model client failed (the first execution loads it): %r", e)
     while not stop.is_set():
         worker = Worker(
             client,
@@ -176,11 +180,6 @@ def _stamp(stamp: Path | None) -> None:
     if stamp is not None:
         stamp.parent.mkdir(parents=True, exist_ok=True)
         stamp.touch()
-
-
-def _warmed(task: asyncio.Task[None]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.warning("warming up the model client failed (the first execution loads it): %r", task.exception())
 
 
 def main(*, stamp: bool = True) -> int:
