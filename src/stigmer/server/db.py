@@ -462,7 +462,6 @@ class Database:
         """Create the execution of a session's next turn, in one transaction: the session is made if it
         is new; a turn still running (pending, in progress, waiting for approval) makes this one BUSY.
         Returns the session's agent and the new turn's number."""
-        marks = ",".join("?" * len(TERMINAL))
         now = time.time()
         with self.tx() as c:
             row = c.execute("SELECT agent FROM sessions WHERE name = ?", (session,)).fetchone()
@@ -480,11 +479,7 @@ class Database:
                         hint="Continue it without naming an agent, or start another: --session NEW-NAME",
                         code=ErrorCode.INVALID_INPUT,
                     )
-            running = c.execute(
-                f"SELECT e.id, e.state FROM session_turns t JOIN executions e ON e.id = t.execution_id "  # noqa: S608
-                f"WHERE t.session = ? AND e.state NOT IN ({marks}) ORDER BY t.turn DESC LIMIT 1",
-                (session, *TERMINAL),
-            ).fetchone()
+            running = _running_turn(c, session)
             if running is not None:
                 raise StigmerError(
                     f"Session {session!r} has a turn still running: {running['id']} ({running['state']}).",
@@ -541,13 +536,8 @@ class Database:
 
     def delete_session(self, name: str) -> None:
         """Remove a session (its executions stay, as records); not while a turn runs (BUSY)."""
-        marks = ",".join("?" * len(TERMINAL))
         with self.tx() as c:
-            running = c.execute(
-                f"SELECT e.id FROM session_turns t JOIN executions e ON e.id = t.execution_id "  # noqa: S608
-                f"WHERE t.session = ? AND e.state NOT IN ({marks}) LIMIT 1",
-                (name, *TERMINAL),
-            ).fetchone()
+            running = _running_turn(c, name)
             if running is not None:
                 raise StigmerError(
                     f"Session {name!r} has a turn still running ({running['id']}): it cannot be removed now.",
@@ -622,3 +612,14 @@ class Database:
     def get_payload(self, ref: str) -> bytes | None:
         rows = self.query("SELECT data FROM payloads WHERE ref = ?", ref)
         return bytes(rows[0]["data"]) if rows else None
+
+
+def _running_turn(c: sqlite3.Connection, session: str) -> sqlite3.Row | None:
+    """The session's turn that has not ended (pending, in progress, waiting for approval), if any."""
+    marks = ",".join("?" * len(TERMINAL))
+    row: sqlite3.Row | None = c.execute(
+        f"SELECT e.id, e.state FROM session_turns t JOIN executions e ON e.id = t.execution_id "  # noqa: S608
+        f"WHERE t.session = ? AND e.state NOT IN ({marks}) ORDER BY t.turn DESC LIMIT 1",
+        (session, *TERMINAL),
+    ).fetchone()
+    return row
