@@ -9,8 +9,6 @@ import os
 import re
 import signal
 import subprocess
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +19,7 @@ from stigmer.paths import Paths
 from tests.conftest import run_cli, stigmer_exe
 from tests.doubles.archives import free_port
 from tests.doubles.fake_llm_apis import FakeAnthropic, FakeOpenAI
+from tests.executions import record, wait_until
 
 pytestmark = pytest.mark.usefixtures("stop_server")
 
@@ -28,25 +27,8 @@ LONG = "name: long\ninstructions: You write long, detailed stories.\ntemperature
 SHORT = "name: short\ninstructions: Answer in a few words.\ntemperature: 0\nmax_tokens: 8\n"
 
 
-def _wait(cond: Callable[[], Any], timeout: float = 60, every: float = 0.2) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError("condition not met in time")
-
-
-def _record(exec_id: str, env: dict[str, str] | None = None) -> dict[str, Any]:
-    r = run_cli("execution", "get", exec_id, "--json", env=env)
-    assert r.returncode == 0, r.stderr
-    data: dict[str, Any] = json.loads(r.stdout)
-    return data
-
-
 def _finished(exec_id: str, env: dict[str, str] | None = None) -> dict[str, Any] | None:
-    rec = _record(exec_id, env)
+    rec = record(exec_id, env)
     return rec if rec["state"] in ("COMPLETED", "FAILED", "CANCELLED") else None
 
 
@@ -99,7 +81,7 @@ def test_run_streams_an_answer_and_records_it(isolated_home: Paths, engine: dict
     assert streamed.strip()
     listing = run_cli("execution", "list", "--json")
     latest = json.loads(listing.stdout)[0]
-    rec = _record(latest["id"])
+    rec = record(latest["id"])
     assert rec["state"] == "COMPLETED" and rec["agent"] == "default" and rec["model"] == "smollm2:135m"
     assistant = [m["content"] for m in rec["messages"] if m["role"] == "assistant"]
     assert assistant == [streamed]  # what was stored is exactly what was streamed
@@ -152,7 +134,7 @@ def test_agents_from_files(isolated_home: Paths, engine: dict[str, str], tmp_pat
     r = run_cli("run", "poet", "-m", "The sea", timeout=180)
     assert r.returncode == 0, r.stderr
     rec = json.loads(run_cli("execution", "list", "--json", "--agent", "poet").stdout)[0]
-    full = _record(rec["id"])
+    full = record(rec["id"])
     assert full["messages"][0] == {"role": "system", "content": "You write short poems."}
     unknown = run_cli("run", "nobody", "-m", "hi")
     assert (
@@ -170,7 +152,7 @@ def test_json_detach_and_stdin(isolated_home: Paths, engine: dict[str, str], tmp
     r = run_cli("run", "short", "--detach", "-m", "hi")
     assert r.returncode == 0 and r.stdout.strip().startswith("ex-")
     exec_id = r.stdout.strip()
-    assert _wait(lambda: _finished(exec_id), 120)["state"] == "COMPLETED"
+    assert wait_until(lambda: _finished(exec_id), 120)["state"] == "COMPLETED"
     proc = subprocess.run(
         [*stigmer_exe(), "run", "short", "--json"],
         input="from stdin",
@@ -232,7 +214,7 @@ def test_killed_worker_mid_answer_completes_without_duplicated_text(
     assert proc.returncode == 0, err
     assert "retried (attempt 2)" in out
     rec = json.loads(run_cli("execution", "list", "--json").stdout)[0]
-    full = _record(rec["id"])
+    full = record(rec["id"])
     assert full["state"] == "COMPLETED" and full["attempts"] == 2
     final = [m["content"] for m in full["messages"] if m["role"] == "assistant"]
     assert final == [_streamed(out)]  # the retried answer, once: the partial first attempt is not in it
@@ -287,7 +269,7 @@ def test_twenty_at_once_and_a_restart_mid_way(
     restart = run_cli("server", "restart", timeout=240)
     assert restart.returncode == 0, restart.stderr
     for exec_id in ids:
-        rec = _wait(lambda exec_id=exec_id: _finished(exec_id), 240)
+        rec = wait_until(lambda exec_id=exec_id: _finished(exec_id), 240)
         assert rec["state"] == "COMPLETED", rec
 
 
@@ -321,15 +303,15 @@ def _other_machine(isolated_home: Paths, tmp_path: Path, **overrides: str) -> di
 
 def test_two_workers_share_the_queue(isolated_home: Paths, engine: dict[str, str], tmp_path: Path) -> None:
     _apply(tmp_path, SHORT)
-    before = _wait(lambda: _pollers(isolated_home), 30)
+    before = wait_until(lambda: _pollers(isolated_home), 30)
     second = subprocess.Popen(
         [*stigmer_exe(), "worker"], env=_other_machine(isolated_home, tmp_path), stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )  # fmt: skip
     try:
-        _wait(lambda: len(_pollers(isolated_home) - before) >= 1, 60)  # the second worker polls
+        wait_until(lambda: len(_pollers(isolated_home) - before) >= 1, 60)  # the second worker polls
         ids = [run_cli("run", "short", "--detach", "-m", f"task {i}").stdout.strip() for i in range(12)]
-        records = [_wait(lambda i=i: _finished(i), 180) for i in ids]
+        records = [wait_until(lambda i=i: _finished(i), 180) for i in ids]
         assert all(r["state"] == "COMPLETED" for r in records)
         workers = {r["worker"] for r in records}
         assert len(workers) == 2 and f":{second.pid}" in " ".join(workers)
