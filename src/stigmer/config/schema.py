@@ -208,6 +208,18 @@ class TemporalSettings:
 @dataclass(frozen=True)
 class ServerSettings:
     port: int = setting(7234, Integer(1, 65535), "Port of the Stigmer server's HTTP API (on 127.0.0.1).")
+    origins: tuple[str, ...] = setting(
+        (),
+        Patterns(),
+        "Web origins (besides this machine's) allowed to call the API and its OpenAI-compatible endpoint "
+        "from a browser (CORS, never with cookies), comma-separated; like OLLAMA_ORIGINS.",
+    )
+    max_queue: int = setting(
+        64,
+        Integer(1, 10_000),
+        "Requests to the local LLM that may wait their turn at the OpenAI-compatible endpoint; past it, "
+        "429 with Retry-After.",
+    )
 
 
 @dataclass(frozen=True)
