@@ -121,6 +121,23 @@ MIGRATIONS: list[str] = [
         created REAL NOT NULL
     );
     """,
+    # 6: scoped API keys for the OpenAI-compatible endpoint (endpoint/keys.py: only each key's sha256 is
+    # kept, `agents` a JSON list); and two columns of the executions that endpoint starts
+    """
+    CREATE TABLE api_keys (
+        name TEXT PRIMARY KEY,
+        id TEXT UNIQUE NOT NULL,
+        hash TEXT NOT NULL,
+        agents TEXT NOT NULL,
+        all_agents INTEGER NOT NULL DEFAULT 0,
+        models INTEGER NOT NULL DEFAULT 0,
+        created REAL NOT NULL,
+        expires REAL,
+        last_used REAL
+    );
+    ALTER TABLE executions ADD COLUMN history TEXT;
+    ALTER TABLE executions ADD COLUMN via TEXT;
+    """,
 ]
 
 TERMINAL = ("COMPLETED", "FAILED", "CANCELLED")
@@ -405,6 +422,18 @@ class Database:
             {"call_id": r["call_id"], "tool": r["tool"], "args": json.loads(r["args"]), "asked": r["asked"]}
             for r in rows
         ]
+
+    def open_approvals(self, limit: int = 200) -> list[dict[str, Any]]:
+        """Every tool call waiting for an answer, across executions that have not ended, oldest first."""
+        marks = ",".join("?" * len(TERMINAL))
+        rows = self.query(
+            "SELECT a.execution_id, a.call_id, a.tool, a.args, a.asked, e.agent, e.session, e.turn "
+            "FROM approvals a JOIN executions e ON e.id = a.execution_id "
+            f"WHERE a.decision IS NULL AND e.state NOT IN ({marks}) ORDER BY a.asked LIMIT ?",  # noqa: S608
+            *TERMINAL,
+            limit,
+        )
+        return [{**dict(r), "args": json.loads(r["args"])} for r in rows]
 
     def decide(self, exec_id: str, call_id: str, decision: str) -> bool:
         with self.tx() as c:
