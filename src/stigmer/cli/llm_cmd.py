@@ -19,17 +19,9 @@ if TYPE_CHECKING:
 
 
 def _catalog(provider: Provider, what: str) -> ModelCatalog:
-    from stigmer.errors import ErrorCode, StigmerError
-    from stigmer.llm.provider import CATALOG, ModelCatalog
+    from stigmer.llm.catalog_ops import catalog
 
-    if not isinstance(provider, ModelCatalog):
-        raise StigmerError(
-            f"The {provider.label} provider has no models to {what}: its models are managed by its service.",
-            hint="Local providers (ollama, llamacpp) manage models: stigmer config set llm.provider ollama",
-            code=ErrorCode.UNSUPPORTED,
-        )
-    assert CATALOG in provider.capabilities
-    return provider
+    return catalog(provider, what)
 
 
 def status(args: argparse.Namespace) -> int:
@@ -160,26 +152,9 @@ def import_model(args: argparse.Namespace) -> int:
 
 def _fit_before_download(out: Out, provider: Provider, model: str, *, force: bool, command: str) -> None:
     """The fit check of a model about to be downloaded (refused when it does not fit, unless --force)."""
-    from stigmer.llm.provider import LocalRuntime
+    from stigmer.llm.catalog_ops import fit_before_download
 
-    if not isinstance(provider, LocalRuntime):
-        return
-    if provider.name == "ollama" and not provider.is_running():
-        from stigmer.llm.provider import not_running_error
-
-        raise not_running_error()  # the runtime pulls: nothing to check before it runs
-    if provider.is_downloaded(model):
-        return
-    from stigmer.llm.models.fit_check import before_download
-
-    for notice in before_download(
-        model,
-        provider=provider.name,
-        settings=provider.settings,
-        paths=provider.paths,
-        force=force,
-        force_command=command,
-    ):
+    for notice in fit_before_download(provider, model, force=force, command=command):
         out.warn(notice)
 
 

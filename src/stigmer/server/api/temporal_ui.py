@@ -32,6 +32,7 @@ Send = Callable[[Message], Awaitable[None]]
 # every browser refuses to connect to them, for pages and for navigation alike.
 BROWSER_BLOCKED_PORTS = (6665, 6668, 6669, 6679, 4190, 3659, 10080, 1719, 6566, 4045, 6697)
 COOKIE = "stigmer_temporal_ui"
+STIGMER_COOKIES = "stigmer_"  # the prefix of every door's session cookie
 LINK_TTL = 120.0
 SESSION_IDLE = 12 * 3600.0
 SIGNIN_PATH = "/_stigmer/signin"
@@ -59,10 +60,18 @@ def free_blocked_port(taken: set[int] | None = None) -> int:
 
 @dataclass
 class Sessions:
-    """One-time sign-in links and the sessions they open (in the API's memory: a restart signs out)."""
+    """One-time sign-in links and the sessions they open (in the API's memory: a restart signs out).
 
+    One mechanism for every door that a person signs in to with a link (Temporal's UI, the web console),
+    each with its own instance and cookie name: a link or session of one door never opens another. Cookies
+    are not separated by port, so each door's cookie has a name of its own (and doors that pass cookies on
+    strip every `stigmer_` one). `csrf` is a token tied to a session, for the pages of a door to send back
+    with what they change."""
+
+    cookie: str = COOKIE
     links: dict[str, float] = field(default_factory=dict)  # token -> expiry
     sessions: dict[str, float] = field(default_factory=dict)  # id -> last use
+    secret: bytes = field(default_factory=lambda: secrets.token_bytes(32), repr=False)
 
     def link(self) -> str:
         now = time.monotonic()
@@ -87,6 +96,26 @@ class Sessions:
             return False
         self.sessions[session or ""] = now
         return True
+
+    def set_cookie(self, session: str) -> str:
+        """The Set-Cookie value that carries a session (HttpOnly, SameSite=Strict, 12 h)."""
+        return f"{self.cookie}={session}; HttpOnly; SameSite=Strict; Path=/; Max-Age={int(SESSION_IDLE)}"
+
+    def of(self, headers: list[tuple[str, str]]) -> str | None:
+        """This door's session cookie among request headers (names lower-case), valid or not."""
+        return _cookie(headers, self.cookie)
+
+    def csrf(self, session: str) -> str:
+        """The anti-forgery token of a session: only a page served to that session knows it."""
+        import hashlib
+        import hmac
+
+        return hmac.new(self.secret, b"csrf:" + session.encode(), hashlib.sha256).hexdigest()
+
+    def csrf_ok(self, session: str, token: str | None) -> bool:
+        import hmac
+
+        return bool(token) and hmac.compare_digest(self.csrf(session), str(token))
 
 
 def _headers(scope: Scope) -> list[tuple[str, str]]:
@@ -181,7 +210,7 @@ class TemporalUiGuard:
         if path == SIGNIN_PATH:
             await self._sign_in(scope, send)
             return
-        if not self.sessions.valid(_cookie(headers, COOKIE)):
+        if not self.sessions.valid(self.sessions.of(headers)):
             wants_page = scope["method"] == "GET" and "text/html" in dict(headers).get("accept", "")
             if wants_page:
                 await _answer(send, 401, SIGN_IN_PAGE, "text/html; charset=utf-8")
@@ -207,7 +236,7 @@ class TemporalUiGuard:
             )
             await _answer(send, 403, page, "text/html; charset=utf-8")
             return
-        cookie = f"{COOKIE}={session}; HttpOnly; SameSite=Strict; Path=/; Max-Age={int(SESSION_IDLE)}"
+        cookie = self.sessions.set_cookie(session)
         await _answer(
             send, 303, b"", "text/plain", [(b"location", b"/"), (b"set-cookie", cookie.encode("latin-1"))]
         )
@@ -259,13 +288,14 @@ class TemporalUiGuard:
             await _answer(send, 413, b"request too large", "text/plain")
             return
         forward = [(k, v) for k, v in headers if k not in ("host", "content-length", "connection", "cookie")]
-        # The UI's own cookies (its CSRF token) go through; ours stays here.
+        # The UI's own cookies (its CSRF token) go through; ours stay here (every door's: cookies are
+        # not separated by port, so the console's reaches this port too).
         ui_cookies = [
             p.strip()
             for k, v in headers
             if k == "cookie"
             for p in v.split(";")
-            if p.strip() and not p.strip().startswith(COOKIE + "=")
+            if p.strip() and not p.strip().startswith(STIGMER_COOKIES)
         ]
         if ui_cookies:
             forward.append(("cookie", "; ".join(ui_cookies)))
