@@ -37,6 +37,7 @@ class _Base:
         self.delay = delay  # seconds between streamed chunks
         self.script: list[Reply] = []
         self.requests: list[dict[str, Any]] = []
+        self.headers: list[dict[str, str]] = []  # of each request, in order (what a client sent us)
         self._lock = threading.Lock()
         self._httpd: _Server | None = None
 
@@ -98,6 +99,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def read_json(self) -> dict[str, Any]:
+        self.fake.headers.append(dict(self.headers.items()))
         length = int(self.headers.get("Content-Length") or 0)
         data = json.loads(self.rfile.read(length) or b"{}")
         return data if isinstance(data, dict) else {}

@@ -269,6 +269,44 @@ def _parser() -> argparse.ArgumentParser:
     sf.add_argument("--json", action="store_true", help="machine-readable output")
     sf.set_defaults(handler="session_cmd:session_fork")
 
+    key = sub.add_parser(
+        "key",
+        help="keys for the OpenAI-compatible endpoint, each reaching only its scopes",
+        description="Scoped keys (sk-stigmer-...) for OpenAI clients of the server's /v1 endpoint: a key "
+        "reaches only the agents it names (model agent/NAME) and, with --models, the models; never the "
+        "admin paths. The API token stays the admin credential.",
+    )
+    ksub = key.add_subparsers(dest="key_command", metavar="SUBCOMMAND", required=True)
+    kc = ksub.add_parser("create", help="make a key and print it, once (only its hash is kept)")
+    kc.add_argument("name", help="the key's name: letters, digits, - and _")
+    reach = kc.add_mutually_exclusive_group()
+    reach.add_argument("--agents", metavar="A,B", help="the agents it reaches (model agent/NAME)")
+    reach.add_argument("--all-agents", action="store_true", help="every agent, also those added later")
+    kc.add_argument("--models", action="store_true", help="the models themselves (the configured LLM's)")
+    kc.add_argument(
+        "--expires",
+        metavar="DURATION",
+        help="it stops working after this: 90m, 12h, 30d, 1w (default: never)",
+    )
+    kc.add_argument("--json", action="store_true", help="machine-readable output")
+    kc.set_defaults(handler="key_cmd:key_create")
+    kl = ksub.add_parser("list", help="the keys: name, scopes, created, last used, expiry (never the key)")
+    kl.add_argument("--json", action="store_true", help="machine-readable output")
+    kl.set_defaults(handler="key_cmd:key_list")
+    kr = ksub.add_parser("rm", help="remove a key: it stops working at once")
+    kr.add_argument("name")
+    kr.set_defaults(handler="key_cmd:key_rm")
+
+    ep = sub.add_parser(
+        "endpoint",
+        help="the OpenAI-compatible URL for other tools (base URL, key, environment lines)",
+        description="Stigmer serves the Local LLM (as `local`) and every agent (as `agent/NAME`) at one "
+        "OpenAI-compatible URL on the API's port. This prints the base URL, how to make a key, and the "
+        "OPENAI_BASE_URL / OPENAI_API_KEY lines for tools that read the environment.",
+    )
+    ep.add_argument("--json", action="store_true", help="machine-readable output")
+    ep.set_defaults(handler="endpoint_cmd:endpoint")
+
     wk = sub.add_parser(
         "worker",
         help="run only an agent runner (more workers for an external Temporal)",
@@ -277,6 +315,16 @@ def _parser() -> argparse.ArgumentParser:
         "server's API and STIGMER_API_TOKEN to its token, so streamed answers reach it.",
     )
     wk.set_defaults(handler="run_cmd:worker")
+
+    ui = sub.add_parser(
+        "ui",
+        help="open the web console, signed in (prints a one-time link, valid 2 minutes)",
+        description="The web console (the server, chat with agents, executions, approvals, agents and models) "
+        "is served by the API at http://127.0.0.1:PORT/. This prints a one-time sign-in link (valid 2 minutes, "
+        "used once) and opens it in the browser when there is a display. Starts the server if needed.",
+    )
+    ui.add_argument("--no-open", action="store_true", help="only print the link; do not open a browser")
+    ui.set_defaults(handler="ui_cmd:ui")
 
     doc = sub.add_parser(
         "doctor",

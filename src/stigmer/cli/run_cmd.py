@@ -11,6 +11,7 @@ from typing import Any
 
 from stigmer.cli.render import Out, terminal_safe
 from stigmer.errors import ErrorCode, StigmerError
+from stigmer.executions.answer import rest_of
 from stigmer.executions.contract import END_EVENTS
 from stigmer.executions.contract import EventKind as E
 from stigmer.paths import Paths
@@ -394,27 +395,6 @@ def _ask(api: ApiClient, exec_id: str, data: dict[str, Any], out: Out, link: Rec
 
 def _short(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def rest_of(shown: str, answer: str) -> str | None:
-    """What of `answer` is still to be shown after `shown` ("" for nothing), compared without white space
-    (the stream and the record may join parts differently); None when `shown` is not the start of it."""
-    seen, want = "".join(shown.split()), "".join(answer.split())
-    if want in seen:
-        return ""
-    if not want.startswith(seen):
-        return None
-    count = 0
-    for i, ch in enumerate(answer):
-        if count == len(seen):
-            rest = answer[i:]
-            # the white space already shown at the end of `shown` is not shown again
-            shown_ws = len(shown) - len(shown.rstrip())
-            rest_ws = len(rest) - len(rest.lstrip())
-            return rest[min(shown_ws, rest_ws) :]
-        if not ch.isspace():
-            count += 1
-    return ""
 
 
 # -- stigmer agent -------------------------------------------------------------------------------------------

@@ -220,6 +220,12 @@ class ServerSettings:
         "Requests to the local LLM that may wait their turn at the OpenAI-compatible endpoint; past it, "
         "429 with Retry-After.",
     )
+    approval_wait: int = setting(
+        60,
+        Integer(1, 86_400),
+        "Seconds a request to an agent at the OpenAI-compatible endpoint, without streaming, waits for a "
+        "tool call's approval before answering 409 with the execution's id (the execution goes on).",
+    )
 
 
 @dataclass(frozen=True)

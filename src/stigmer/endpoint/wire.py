@@ -126,7 +126,9 @@ def chunk(
     """One stream chunk. `delta=None` is the usage-only chunk (`stream_options.include_usage`): no choices."""
     out: dict[str, Any] = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model}
     out["choices"] = (
-        [] if delta is None else [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
+        []
+        if delta is None
+        else [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
     )
     if usage_ is not None:
         out["usage"] = usage_

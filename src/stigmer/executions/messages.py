@@ -39,6 +39,7 @@ class RunSpec(BaseModel):
     workspace: str | None = None
     session: str | None = None  # a turn of this session: the worker reads the transcript from the API
     turn: int | None = None
+    history: bool = False  # the caller gave the conversation before the message: read like a transcript
 
 
 class EventBatch(BaseModel):

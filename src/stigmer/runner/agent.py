@@ -67,6 +67,7 @@ class RunDeps(BaseModel):
     tools: list[dict[str, Any]] = []  # ToolConfig fields, from the agent file
     workspace: str | None = None  # the agent file's workspace folder, when it names one
     session: str | None = None  # a turn of a conversation: its transcript is read by the model activity
+    history: bool = False  # the caller gave earlier messages (OpenAI endpoint): read the same way
 
 
 def _model(ctx: Any, model_id: str) -> Any:
@@ -78,7 +79,7 @@ def _model(ctx: Any, model_id: str) -> Any:
     if workflow.in_workflow():
         return llm.build(deps.target, key="unused")
     model = llm.build(deps.target)
-    if deps.session:
+    if deps.session or deps.history:
         from stigmer.runner.transcript import WithTranscript
 
         # The conversation so far reaches the model here, in the activity, read from the API: it never

@@ -153,6 +153,7 @@ class AgentExecution(PydanticAIWorkflow, Approvals):
                     tools=tools,
                     workspace=inp.workspace,
                     session=inp.session,
+                    history=inp.history,
                 ),
                 instructions=inp.instructions or None,
                 model_settings=settings,

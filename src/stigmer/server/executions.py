@@ -122,10 +122,19 @@ class Executions:
 
     # -- executions ---------------------------------------------------------------------------------------
     async def create(
-        self, agent_name: str | None, message: str, *, session: str | None = None, continue_last: bool = False
+        self,
+        agent_name: str | None,
+        message: str,
+        *,
+        session: str | None = None,
+        continue_last: bool = False,
+        history: list[dict[str, Any]] | None = None,
+        via: str | None = None,
     ) -> dict[str, Any]:
         """Start an execution: on its own, or as the next turn of a session (made when it is new; only one
-        turn of a session runs at a time). `continue_last`: the most recently used session."""
+        turn of a session runs at a time). `continue_last`: the most recently used session. `history`: the
+        conversation before this message, given by the caller (the OpenAI-compatible endpoint), in the
+        record's message format; `via`: the scoped key that asked (it may read this execution back)."""
         if not isinstance(message, str) or not message.strip():
             raise StigmerError(
                 "The message is empty.", hint='Give one: stigmer run -m "..."', code=ErrorCode.INVALID_INPUT
@@ -174,7 +183,11 @@ class Executions:
         else:
             self.db.create_execution(exec_id, spec.name, message, model)
         try:
-            self.db.update_execution(exec_id, spec=run.model_dump_json(), ticket=ticket)
+            extra: dict[str, Any] = {"via": via} if via else {}
+            if history and session is None:
+                extra["history"] = json.dumps(history, ensure_ascii=False)
+                run.history = True
+            self.db.update_execution(exec_id, spec=run.model_dump_json(), ticket=ticket, **extra)
             self.publish(
                 exec_id, EventKind.PENDING, {"agent": spec.name, "session": session, "turn": run.turn}
             )
@@ -284,6 +297,8 @@ class Executions:
             raise not_found(exec_id)
         for private in ("spec", "ticket", "run_id", "cancel_requested"):
             row.pop(private, None)
+        if row.get("history"):  # the conversation the caller gave before the message (OpenAI endpoint)
+            row["history"] = json.loads(row["history"])
         end = row["finished"] or (time.time() if row["state"] not in TERMINAL else None)
         row["duration"] = round(end - row["created"], 3) if end else None
         row["usage"] = {"input_tokens": row.pop("input_tokens"), "output_tokens": row.pop("output_tokens")}
@@ -354,6 +369,8 @@ class Executions:
     def transcript(self, exec_id: str, ticket: str) -> list[dict[str, Any]]:
         """The conversation before this turn (completed turns of its session), for the worker's model."""
         row = self._ticketed(exec_id, ticket)
+        if row.get("history"):
+            return list(json.loads(row["history"]))
         if not row.get("session") or not row.get("turn"):
             return []
         return self.db.transcript(str(row["session"]), int(row["turn"]))

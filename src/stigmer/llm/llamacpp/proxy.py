@@ -6,11 +6,9 @@ page that finds the port still cannot use it). The public port applies net.guard
 allowed Origins, CORS without credentials), then forwards each request with the key and relays the
 answer as it comes, so SSE token streams arrive chunk by chunk.
 
-The internal hop is a minimal HTTP/1.1 client on asyncio streams rather than httpx: its peer is always
-the llama.cpp of this process, and per token it costs half the CPU (measured 0.35 against 0.70 ms of
-the event loop per streamed token). That matters because llama.cpp's threads take every core: each
-millisecond the proxy runs is a millisecond one decoding thread waits, and with httpx the guarded
-stream lost ~5% of the engine's speed (bench/guard_tokens_per_second.py).
+The internal hop is net.loopback_http, the minimal HTTP/1.1 client shared with the API's
+OpenAI-compatible endpoint: per streamed token it costs half of httpx's CPU, which the engine's
+decoding threads would otherwise lose (that module says how much).
 
 While the model loads, xllamacpp's constructor holds the GIL (measured: no other Python thread runs
 for the whole load), so nothing in this process can answer. LoadingResponder forks a small child that
@@ -27,11 +25,22 @@ import select
 import signal
 import socket
 import time
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from urllib.parse import urlsplit
 
 from stigmer.net.guard import LoopbackGuard, Receive, Scope, Send, refusal, refusal_body
+from stigmer.net.loopback_http import (
+    RESPONSE_HEAD_LIMIT,
+    BackendError,
+    connect,
+    read_body,
+    read_head,
+    relay,
+    request_head,
+    wait_disconnect,
+)
+
+__all__ = ["RESPONSE_HEAD_LIMIT", "EngineProxy", "LoadingResponder", "guarded"]  # the head limit: tests
 
 log = logging.getLogger(__name__)
 
@@ -45,19 +54,8 @@ _DROP_REQUEST = frozenset(
         b"expect", b"accept-encoding",
     }
 )  # fmt: skip
-# llama.cpp's CORS headers go too (it answers preflights with Allow-Credentials: true): CORS is the guard's.
-_DROP_RESPONSE = frozenset(
-    {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade"}
-)
-CONNECT_TIMEOUT = 5.0  # the internal server is in this process: it accepts at once or not at all
-RESPONSE_HEAD_LIMIT = 64 * 1024  # llama.cpp's response heads are a few hundred bytes
-READ_SIZE = 64 * 1024
 LOADING_BODY = b'{"error":{"code":503,"message":"Loading model","type":"unavailable_error"}}'
 UNREACHABLE_BODY = b'{"error":{"code":502,"message":"the engine did not answer","type":"server_error"}}'
-
-
-class BackendError(Exception):
-    """The internal server's answer could not be read (closed early, malformed)."""
 
 
 class EngineProxy:
@@ -88,9 +86,7 @@ class EngineProxy:
             if not message.get("more_body", False):
                 break
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(self.host, self.port, limit=RESPONSE_HEAD_LIMIT), CONNECT_TIMEOUT
-            )
+            reader, writer = await connect(self.host, self.port)
         except (TimeoutError, OSError) as e:
             log.warning("internal engine server unreachable: %s", e)
             await _answer(send, 502, UNREACHABLE_BODY)
@@ -98,13 +94,17 @@ class EngineProxy:
         try:
             writer.write(self._request_head(scope, target, len(body)) + bytes(body))
             try:
-                head = await _read_head(reader)
+                head = await read_head(reader)
             except (OSError, BackendError) as e:
                 log.warning("internal engine server gave no answer: %s", e)
                 await _answer(send, 502, UNREACHABLE_BODY)
                 return
             await send({"type": "http.response.start", "status": head.status, "headers": head.headers})
-            await _relay(_body(reader, scope["method"], head), receive, send)
+            watching = asyncio.ensure_future(wait_disconnect(receive))
+            try:
+                await relay(read_body(reader, scope["method"], head), send, watching)
+            finally:
+                watching.cancel()
         finally:
             # One connection per request (Connection: close): nothing to pool or expire, and closing
             # it is what makes llama.cpp stop a generation whose client went away.
@@ -113,112 +113,9 @@ class EngineProxy:
     def _request_head(self, scope: Scope, target: bytes, length: int) -> bytes:
         # Method, target and header values come from the server's HTTP parser (h11), which refuses
         # CR, LF and NUL in them: nothing here can split the internal request.
-        lines = [scope["method"].encode() + b" " + target + b" HTTP/1.1"]
-        lines.append(f"Host: {self.host}:{self.port}".encode())
-        lines += [k + b": " + v for k, v in scope["headers"] if k.lower() not in _DROP_REQUEST]
-        lines.append(b"Authorization: Bearer " + self.key)
-        # identity: compressing on loopback only costs CPU, and a compressed SSE stream would reach
-        # the client in compressor-sized lumps rather than token by token.
-        lines.append(b"Accept-Encoding: identity")
-        lines.append(b"Content-Length: " + str(length).encode())
-        lines.append(b"Connection: close")
-        return b"\r\n".join(lines) + b"\r\n\r\n"
-
-
-@dataclass
-class _Head:
-    status: int
-    headers: list[tuple[bytes, bytes]]  # for the client: names lower-case, hop-by-hop and CORS left out
-    chunked: bool
-    length: int | None  # Content-Length, None when absent
-
-
-async def _read_head(reader: asyncio.StreamReader) -> _Head:
-    try:
-        raw = await reader.readuntil(b"\r\n\r\n")
-    except asyncio.IncompleteReadError as e:
-        raise BackendError("the connection closed before a response") from e
-    except asyncio.LimitOverrunError as e:
-        raise BackendError("the response head is too large") from e
-    status_line, *lines = raw[:-4].split(b"\r\n")
-    version, _, rest = status_line.partition(b" ")
-    code = rest[:3]
-    if not version.startswith(b"HTTP/1.") or len(code) != 3 or not code.isdigit():
-        raise BackendError(f"not an HTTP/1.x status line: {status_line[:80]!r}")
-    head = _Head(int(code), [], chunked=False, length=None)
-    for line in lines:
-        name, colon, value = line.partition(b":")
-        if not colon:
-            raise BackendError(f"malformed header line: {line[:80]!r}")
-        name, value = name.strip().lower(), value.strip()
-        if name == b"transfer-encoding":
-            head.chunked = b"chunked" in value.lower()
-        elif name == b"content-length":
-            if not value.isdigit():
-                raise BackendError(f"bad Content-Length: {value[:40]!r}")
-            head.length = int(value)
-        if name not in _DROP_RESPONSE and not name.startswith(b"access-control-"):
-            head.headers.append((name, value))
-    return head
-
-
-async def _body(reader: asyncio.StreamReader, method: str, head: _Head) -> AsyncIterator[bytes]:
-    """The response body as it arrives: de-chunked, or Content-Length bytes, or up to the close."""
-    if method == "HEAD" or head.status in (204, 304) or 100 <= head.status < 200:
-        return
-    try:
-        if head.chunked:
-            while True:
-                size_line = await reader.readuntil(b"\r\n")
-                size = int(size_line.split(b";", 1)[0].strip(), 16)  # chunk extensions are ignored
-                if size == 0:
-                    while await reader.readuntil(b"\r\n") != b"\r\n":
-                        pass  # trailers: none that a client of ours needs
-                    return
-                chunk = await reader.readexactly(size + 2)
-                yield chunk[:-2]
-        elif head.length is not None:
-            left = head.length
-            while left > 0:
-                data = await reader.read(min(READ_SIZE, left))
-                if not data:
-                    raise BackendError(f"the body ended {left} bytes early")
-                left -= len(data)
-                yield data
-        else:
-            while data := await reader.read(READ_SIZE):
-                yield data
-    except asyncio.IncompleteReadError as e:
-        raise BackendError("the body ended early") from e
-    except (asyncio.LimitOverrunError, ValueError) as e:
-        raise BackendError(f"malformed body framing: {e}") from e
-
-
-async def _relay(body: AsyncIterator[bytes], receive: Receive, send: Send) -> None:
-    """Send `body` on as it comes, until it ends or the client goes away."""
-
-    async def pump() -> None:
-        async for chunk in body:
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
-
-    async def client_gone() -> None:
-        # uvicorn drops what is sent after a disconnect without telling us: watch for it instead,
-        # or a closed client would keep a generation running to its end.
-        while (await receive())["type"] != "http.disconnect":
-            pass
-
-    pumping = asyncio.ensure_future(pump())
-    watching = asyncio.ensure_future(client_gone())
-    try:
-        await asyncio.wait((pumping, watching), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        pumping.cancel()
-        watching.cancel()
-        await asyncio.wait((pumping, watching))  # both unwound before the connection is closed
-    error = None if pumping.cancelled() else pumping.exception()
-    if error is not None:
-        raise error  # a broken internal stream: uvicorn closes the client's connection mid-response
+        headers = [(k, v) for k, v in scope["headers"] if k.lower() not in _DROP_REQUEST]
+        headers.append((b"Authorization", b"Bearer " + self.key))
+        return request_head(scope["method"].encode(), target, self.host, self.port, headers, length)
 
 
 async def _answer(send: Send, status: int, body: bytes) -> None:

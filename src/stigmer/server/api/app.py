@@ -33,9 +33,9 @@ def error_response(e: StigmerError) -> JSONResponse:
     return JSONResponse({"error": e.to_dict()}, status_code=e.code.http_status)
 
 
-def _too_large() -> StigmerError:
+def _too_large(limit: int = MAX_BODY) -> StigmerError:
     return StigmerError(
-        f"The request body is larger than {MAX_BODY // (1024 * 1024)} MB.", code=ErrorCode.TOO_LARGE
+        f"The request body is larger than {limit // (1024 * 1024)} MB.", code=ErrorCode.TOO_LARGE
     )
 
 
@@ -45,18 +45,18 @@ def _too_deep() -> StigmerError:
     )
 
 
-async def body_of(request: Request) -> dict[str, Any]:
-    """The JSON object in the body. A body over MAX_BODY is refused (413) by its Content-Length before
+async def body_of(request: Request, limit: int = MAX_BODY) -> dict[str, Any]:
+    """The JSON object in the body. A body over `limit` is refused (413) by its Content-Length before
     any of it is read, or (chunked, without one) as soon as what was read passes the limit."""
     declared = request.headers.get("content-length", "")
-    if declared.isascii() and declared.isdigit() and int(declared) > MAX_BODY:
-        raise _too_large()
+    if declared.isascii() and declared.isdigit() and int(declared) > limit:
+        raise _too_large(limit)
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
-        if size > MAX_BODY:
-            raise _too_large()
+        if size > limit:
+            raise _too_large(limit)
         chunks.append(chunk)
     raw = b"".join(chunks)
     try:
@@ -75,14 +75,18 @@ async def body_of(request: Request) -> dict[str, Any]:
 def create_app(settings: Settings, paths: Paths, *, token: str, worker_token: str | None = None) -> Any:
     """The ASGI application: guard(auth(routes))."""
     from stigmer.agents.spec import from_dict, parse_yaml
+    from stigmer.console import routes as console
+    from stigmer.endpoint import routes as endpoint_routes
+    from stigmer.endpoint.keys import Keys
+    from stigmer.endpoint.upstream import Upstream
     from stigmer.net.guard import LoopbackGuard
-    from stigmer.server.api import runner_routes
+    from stigmer.server.api import key_routes, runner_routes
     from stigmer.server.api.temporal_ui import LINK_TTL, SIGNIN_PATH, ByPort, Sessions, TemporalUiGuard
     from stigmer.server.db import Database
     from stigmer.server.executions import Executions
     from stigmer.server.keys import key_id, payload_key
 
-    state: dict[str, Executions] = {}
+    state: dict[str, Any] = {}
     sessions = Sessions()
     ui = (
         TemporalUiGuard(
@@ -99,12 +103,24 @@ def create_app(settings: Settings, paths: Paths, *, token: str, worker_token: st
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
         db = Database(paths.data_dir / "stigmer.db")
         state["x"] = Executions(db, settings, paths)
+        state["keys"] = Keys(db)  # the endpoint's scoped keys (stigmer key create), on the same database
+        state["upstream"] = Upstream(settings, paths)
         await state["x"].resume()
         yield
+        await state["upstream"].aclose()
         db.close()
 
     def ex() -> Executions:
-        return state["x"]
+        return state["x"]  # type: ignore[no-any-return]
+
+    def keys() -> Any:
+        return state["keys"]
+
+    def key_reader(given: str, exec_id: str) -> bool:
+        """Did the key `given` start this execution (it may read it back)?"""
+        key = keys().verify(given)
+        row = ex().db.get_execution(exec_id) if key is not None else None
+        return bool(row and key is not None and row.get("via") == key.name)
 
     async def health(_request: Request) -> JSONResponse:
         return JSONResponse({"status": "ok", "version": __version__})
@@ -231,15 +247,17 @@ def create_app(settings: Settings, paths: Paths, *, token: str, worker_token: st
 
         return EventSourceResponse(sse(), ping=None)
 
-    async def temporal_ui_link(_request: Request) -> JSONResponse:
+    def temporal_link() -> dict[str, Any]:
         if ui is None:
             raise StigmerError(
                 "Temporal's Web UI is off (temporal.ui_port is 0, or Temporal is not managed by Stigmer).",
                 hint="Turn it on: stigmer config set temporal.ui_port 8233 && stigmer server restart",
                 code=ErrorCode.UNSUPPORTED,
             )
-        url = f"{ui.origin}{SIGNIN_PATH}?t={sessions.link()}"
-        return JSONResponse({"url": url, "expires_in": int(LINK_TTL)})
+        return {"url": f"{ui.origin}{SIGNIN_PATH}?t={sessions.link()}", "expires_in": int(LINK_TTL)}
+
+    async def temporal_ui_link(_request: Request) -> JSONResponse:
+        return JSONResponse(temporal_link())
 
     async def on_stigmer_error(_request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StigmerError)
@@ -282,6 +300,9 @@ def create_app(settings: Settings, paths: Paths, *, token: str, worker_token: st
             Route("/v1/sessions/{name}", session, methods=["GET", "DELETE"]),
             Route("/v1/sessions/{name}/fork", fork, methods=["POST"]),
             *runner_routes.routes(ex, key_id(payload_key(paths))),
+            *key_routes.routes(keys),
+            *endpoint_routes.routes(settings, token, ex, keys, lambda: state["upstream"]),
+            *console.routes(settings, paths, ex, temporal_link),  # the web console (its own door)
         ],
         exception_handlers={
             StigmerError: on_stigmer_error,
@@ -290,7 +311,17 @@ def create_app(settings: Settings, paths: Paths, *, token: str, worker_token: st
         },
         lifespan=lifespan,
     )
-    api = LoopbackGuard(BearerToken(app, token=token, worker_token=worker_token), allowed_origins=())
+    authed = BearerToken(
+        app,
+        token=token,
+        worker_token=worker_token,
+        self_authenticated=lambda p: endpoint_routes.is_endpoint_path(p) or console.is_console_path(p),
+        key_reader=key_reader,
+    )
+    # No CORS unless server.origins lists an origin (a browser client of the OpenAI endpoint); then
+    # CORS without credentials: the bearer token or key travels in a header, never in a cookie.
+    origins = settings.server.origins
+    api = LoopbackGuard(authed, allowed_origins=origins, cors=bool(origins))
     if ui is None:
         return api
     return ByPort(api, {settings.temporal.ui_port: ui})

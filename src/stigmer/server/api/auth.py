@@ -1,11 +1,17 @@
 """Bearer-token check for every path but /health, as pure ASGI middleware (no buffering of streams).
 
 Two credentials, two doors: the API token (the CLI, a person) opens everything but the worker routes;
-the worker token opens only /v1/runner/ (claim an execution, post its events, read decisions)."""
+the worker token opens only /v1/runner/ (claim an execution, post its events, read decisions).
+
+The OpenAI-compatible routes (/v1/models, /v1/chat/completions) authenticate themselves, in OpenAI's
+error shape, with the API token or a scoped key (endpoint/routes.py). A scoped key also reads back, here,
+the executions it started (GET /v1/executions/ID and its /events): a client that lost its stream
+re-attaches with the key it has, and reaches nothing else."""
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -21,14 +27,30 @@ OPEN_PATHS = frozenset({"/health"})
 WORKER_PREFIX = "/v1/runner/"
 
 
+# GET /v1/executions/ID and /v1/executions/ID/events: what a scoped key may read of its own executions
+_EXECUTION_READ = re.compile(r"/v1/executions/(?P<id>[^/]+)(?:/events)?")
+
+KeyReader = Callable[[str, str], bool]  # (the key given, an execution id) -> did this key start it
+
+
 class BearerToken:
-    def __init__(self, app: App, *, token: str, worker_token: str | None = None) -> None:
+    def __init__(
+        self,
+        app: App,
+        *,
+        token: str,
+        worker_token: str | None = None,
+        self_authenticated: Callable[[str], bool] = lambda _path: False,
+        key_reader: KeyReader | None = None,
+    ) -> None:
         self.app = app
         self.token = token
         self.worker_token = worker_token
+        self.self_authenticated = self_authenticated
+        self.key_reader = key_reader
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS or self.self_authenticated(scope["path"]):
             await self.app(scope, receive, send)
             return
         given = ""
@@ -40,6 +62,10 @@ class BearerToken:
         worker_path = scope["path"].startswith(WORKER_PREFIX)
         expected = self.worker_token if worker_path else self.token
         if given and expected and same(given, expected):
+            await self.app(scope, receive, send)
+            return
+        read = _EXECUTION_READ.fullmatch(scope["path"]) if scope["method"] == "GET" else None
+        if given and read and self.key_reader is not None and self.key_reader(given, read["id"]):
             await self.app(scope, receive, send)
             return
         if worker_path:
