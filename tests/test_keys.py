@@ -76,7 +76,7 @@ def test_migration_6_adds_the_keys_table_and_the_executions_columns(tmp_path: Pa
     old.close()
     db = Database(path)
     try:
-        assert db.query("PRAGMA user_version")[0][0] == 6 == len(MIGRATIONS)
+        assert db.query("PRAGMA user_version")[0][0] == len(MIGRATIONS) >= 6  # later ones run too
         columns = {r["name"] for r in db.query("PRAGMA table_info(executions)")}
         assert {"history", "via"} <= columns
         key_columns = [r["name"] for r in db.query("PRAGMA table_info(api_keys)")]

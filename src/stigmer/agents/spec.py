@@ -4,7 +4,11 @@
     instructions: You write short poems.
     model: qwen2.5-coder:7b         # optional: the configured llm.model when absent
     temperature: 0.7                # optional, 0-2
-    max_tokens: 512                 # optional, 1-1000000
+    max_tokens: 512                 # optional, 1-1000000 (default: runner/llm.py default_max_tokens)
+    output_schema:                  # optional: a JSON Schema of an object; the answer must match it
+      type: object
+      properties: {title: {type: string}}
+    limits: {tool_calls: 40}        # optional: model_calls, tool_calls, tokens, seconds (agents/limits.py)
 
 A bad file is refused with the field and its line; nothing is stored.
 """
@@ -22,7 +26,10 @@ NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
 MAX_INSTRUCTIONS = 100_000
 MAX_FILE = 1024 * 1024
 DEFAULT_AGENT = "default"
-FIELDS = ("name", "instructions", "model", "temperature", "max_tokens", "tools", "mcp_servers", "workspace")
+FIELDS = ("name", "instructions", "model", "temperature", "max_tokens", "tools", "mcp_servers", "workspace",
+          "output_schema", "limits")  # fmt: skip
+MAX_SCHEMA = 64 * 1024  # an output schema's size as JSON (bytes): it is sent with every model request
+MAX_SCHEMA_DEPTH = 20
 
 
 @dataclass(frozen=True)
@@ -36,6 +43,9 @@ class AgentSpec:
     tools: list[Any] = field(default_factory=list)
     mcp_servers: list[Any] = field(default_factory=list)
     workspace: str | None = None
+    # A JSON Schema (type: object) the answer must match: the record's output is then that object.
+    output_schema: dict[str, Any] | None = None
+    limits: dict[str, int] | None = None  # what one execution may use; unset ones keep the defaults
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -158,6 +168,14 @@ def from_dict(raw: dict[str, Any], where: Any = None) -> AgentSpec:
     workspace = raw.get("workspace")
     if workspace is not None and not isinstance(workspace, str):
         raise invalid(f"{at('workspace')}: field 'workspace' must be a folder path.")
+    output_schema = raw.get("output_schema")
+    if output_schema is not None:
+        output_schema = check_output_schema(_plain(output_schema), at("output_schema"))
+    limits = raw.get("limits")
+    if limits is not None:
+        from stigmer.agents import limits as limits_
+
+        limits = limits_.check(_plain(limits), at("limits")) or None
     spec = AgentSpec(
         name=name,
         instructions=instructions,
@@ -167,11 +185,61 @@ def from_dict(raw: dict[str, Any], where: Any = None) -> AgentSpec:
         tools=_plain(tools),
         mcp_servers=_plain(servers),
         workspace=workspace,
+        output_schema=output_schema,
+        limits=limits,
     )
     from stigmer.agents.tools import check_tools
 
     check_tools(spec, at)
     return spec
+
+
+def check_output_schema(schema: Any, where: str) -> dict[str, Any]:
+    """A JSON Schema of an object, bounded in size and depth, that the agent library can check answers
+    against; else an error naming what is wrong."""
+    import json
+
+    hint = (
+        "output_schema is a JSON Schema of an object, e.g. {type: object, properties: {title: {type: string}}, "
+        "required: [title]}."
+    )
+    if not isinstance(schema, dict) or schema.get("type") != "object":
+        raise invalid(f"{where}: field 'output_schema' must be a JSON Schema with `type: object`.", hint)
+    if deeper_than(schema, MAX_SCHEMA_DEPTH):
+        raise invalid(f"{where}: field 'output_schema' nests more than {MAX_SCHEMA_DEPTH} levels deep.", hint)
+    try:
+        size = len(json.dumps(schema, ensure_ascii=False).encode())
+    except (TypeError, ValueError):
+        raise invalid(f"{where}: field 'output_schema' holds values JSON cannot carry.", hint) from None
+    if size > MAX_SCHEMA:
+        raise invalid(f"{where}: field 'output_schema' is larger than {MAX_SCHEMA // 1024} KB as JSON.", hint)
+    from jsonschema import Draft202012Validator
+    from jsonschema.exceptions import SchemaError
+
+    try:
+        Draft202012Validator.check_schema(schema)
+    except SchemaError as e:
+        path = "/".join(str(p) for p in e.path) or "(top)"
+        raise invalid(
+            f"{where}: field 'output_schema' is not a valid JSON Schema at {path}: {e.message}", hint
+        ) from None
+    from pydantic_ai.exceptions import UserError
+
+    try:
+        output_type(schema)
+    except UserError as e:  # recursive $refs, patterns with lookarounds: the agent library cannot use them
+        raise invalid(f"{where}: field 'output_schema' cannot be used: {e}", hint) from None
+    return schema
+
+
+def output_type(schema: dict[str, Any]) -> Any:
+    """The agent library's output type for a schema: answers are checked against it (a mismatch is sent
+    back to the model to fix, within the output retries); the model answers by calling `final_result`."""
+    import copy
+
+    from pydantic_ai import StructuredDict
+
+    return StructuredDict(copy.deepcopy(schema), validate=True)
 
 
 def _plain(value: Any) -> Any:

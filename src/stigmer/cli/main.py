@@ -175,6 +175,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--json", action="store_true", help="print the final execution record as JSON")
     run.add_argument("--detach", action="store_true", help="print the execution id and return at once")
+    run.add_argument(
+        "--limit",
+        action="append",
+        default=[],
+        metavar="NAME=N",
+        help="a limit for this run: model_calls, tool_calls, tokens or seconds (repeatable; else the "
+        "agent file's, else the defaults)",
+    )
     run.set_defaults(handler="run_cmd:run")
 
     chat = sub.add_parser(
@@ -205,7 +213,7 @@ def _parser() -> argparse.ArgumentParser:
         "apply",
         help="store or update an agent from a YAML file",
         description="Fields: name (required; letters, digits, - and _), instructions, model, temperature "
-        "(0-2), max_tokens, tools, mcp_servers, workspace.",
+        "(0-2), max_tokens, tools, mcp_servers, workspace, output_schema.",
     )
     ap.add_argument("-f", "--file", required=True, help="the agent's YAML file (- for stdin)")
     ap.set_defaults(handler="run_cmd:agent_apply")
@@ -296,6 +304,10 @@ def _parser() -> argparse.ArgumentParser:
     kr = ksub.add_parser("rm", help="remove a key: it stops working at once")
     kr.add_argument("name")
     kr.set_defaults(handler="key_cmd:key_rm")
+
+    from stigmer.cli.trigger_cmd import add_parsers as trigger_parsers
+
+    trigger_parsers(sub)  # stigmer schedule ..., stigmer hook ...
 
     ep = sub.add_parser(
         "endpoint",

@@ -208,6 +208,18 @@ class Out:
             self.line()
             self.line("Web UI:")
             self.line(f"  Temporal:  {web}  (sign in: stigmer server temporal-ui)")
+        schedules = data.get("schedules")
+        if isinstance(schedules, dict) and schedules.get("count"):
+            from stigmer.cli.trigger_cmd import when
+
+            self.line()
+            paused = f", {schedules['paused']} paused" if schedules.get("paused") else ""
+            nxt = (
+                f"next: {schedules.get('next_name')} at {when(schedules['next'])}"
+                if schedules.get("next")
+                else "none due"
+            )
+            self.line(f"Schedules: {schedules['count']}{paused}; {nxt}  (stigmer schedule list)")
 
     def _service_line(self, svc: dict[str, Any]) -> str:
         state = str(svc.get("state", ""))

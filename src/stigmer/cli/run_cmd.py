@@ -53,12 +53,17 @@ def _message(args: argparse.Namespace) -> str:
 def run(args: argparse.Namespace) -> int:
     out = Out()
     message = _message(args)
+    from stigmer.agents.limits import parse_flags
+
+    limits = parse_flags(getattr(args, "limit", None) or [])  # a bad flag is refused before the server starts
     api = _api(start=True, out=out)
     session, continue_ = getattr(args, "session", None), getattr(args, "continue_", False)
     body: dict[str, Any] = {}
     if args.agent is not None or not (session or continue_):
         body["agent"] = args.agent or "default"  # a session's own agent unless one is named
     body["message"] = message
+    if limits:
+        body["limits"] = limits
     if session is not None:
         body["session"] = session
     elif continue_:
@@ -122,8 +127,7 @@ class StreamView:
             self._print(f"   {marks['arrow']} {_short(str(data.get('content', '')), 300)}")
         elif kind == E.APPROVAL_REQUIRED:
             self._end_text()
-            args = json.dumps(data.get("args") or {}, ensure_ascii=False)
-            self._print(f"{marks['warn']} Waiting for approval: {data.get('name')}({_short(args, 200)})")
+            self._print(f"{marks['warn']} Waiting for approval: {_asked(data.get('name'), data.get('args'))}")
         elif kind == E.APPROVAL:
             verdict = "allowed" if data.get("approved") else "denied"
             self._print(
@@ -147,6 +151,12 @@ class StreamView:
         in the middle is printed again whole, after a notice."""
         rec = self.final or {}
         output = rec.get("output")
+        if isinstance(output, dict) and not self.quiet and rec.get("state") == "COMPLETED":
+            # an agent with an output schema answers with an object (a tool call: nothing streamed as text)
+            self._end_text()
+            shown = json.dumps(output, indent=2, ensure_ascii=False)
+            self._print(f"{self.out.marks['agent']} Agent: {shown}")
+            return
         if self.quiet or rec.get("state") != "COMPLETED" or not isinstance(output, str) or not output.strip():
             return
         rest = rest_of(self.answer, output)
@@ -370,14 +380,14 @@ def _ask(api: ApiClient, exec_id: str, data: dict[str, Any], out: Out, link: Rec
     if not (sys.stdin.isatty() and out.stdout.isatty()):
         out.note(f"   Waiting: answer with  stigmer execution approve {exec_id}  (or deny)")
         return
-    args = json.dumps(data.get("args") or {}, ensure_ascii=False)
-    answer = (
-        input(terminal_safe(f"Allow {data.get('name')}({_short(args, 200)})? [y/N/a(lways)] "))
-        .strip()
-        .lower()
+    question = (
+        f"Go on past the {_asked('limit', data.get('args'))}? [y/N] "
+        if data.get("name") == "limit"
+        else f"Allow {_asked(data.get('name'), data.get('args'))}? [y/N/a(lways)] "
     )
+    answer = input(terminal_safe(question)).strip().lower()
     approve = answer in ("y", "yes", "a", "always")
-    always = answer in ("a", "always")
+    always = answer in ("a", "always") and data.get("name") != "limit"  # each crossing is asked
     verb = "approve" if approve else "deny"
     while True:
         try:
@@ -391,6 +401,14 @@ def _ask(api: ApiClient, exec_id: str, data: dict[str, Any], out: Out, link: Rec
                 out.warn(f"Your answer was not taken: {e.message}")
                 return
             link.lost(e.message)
+
+
+def _asked(name: Any, args: Any) -> str:
+    """What an approval is asked for: a tool call, or going on past a limit (runner/limits.py)."""
+    args = args if isinstance(args, dict) else {}
+    if name == "limit" and "reason" in args:
+        return f"{args['reason']} (approving grants {str(args.get('approve', '')).removeprefix('grants ')})"
+    return f"{name}({_short(json.dumps(args, ensure_ascii=False), 200)})"
 
 
 def _short(text: str, limit: int) -> str:
@@ -496,9 +514,12 @@ def execution_get(args: argparse.Namespace) -> int:
         return 0
     out.line(f"Execution {record['id']}")
     out.line(out.rule)
-    for key in ("state", "agent", "model", "provider", "endpoint", "attempts", "tool_calls", "error"):
+    shown = ("state", "agent", "model", "provider", "endpoint", "attempts", "tool_calls", "trigger", "error")
+    for key in shown:
         if record.get(key) not in (None, ""):
             out.line(terminal_safe(f"  {key.replace('_', ' ').capitalize() + ':':<12} {record[key]}"))
+    for warning in record.get("warnings") or []:  # e.g. template fields a webhook's body lacked
+        out.line(terminal_safe(f"  {'Warning:':<12} {warning}"))
     if record.get("duration") is not None:
         out.line(f"  {'Duration:':<12} {record['duration']:.1f}s")
     usage = record.get("usage") or {}
@@ -509,7 +530,7 @@ def execution_get(args: argparse.Namespace) -> int:
     for m in record.get("messages") or []:
         out.line(terminal_safe(f"  [{m['role']}] {m['content']}"))
     for pending in record.get("approvals") or []:
-        out.line(terminal_safe(f"  waiting for approval: {pending['tool']}({json.dumps(pending['args'])})"))
+        out.line(terminal_safe(f"  waiting for approval: {_asked(pending['tool'], pending['args'])}"))
     return 0
 
 

@@ -175,6 +175,8 @@ async def stream(ex: Executions, exec_id: str, model: str, *, include_usage: boo
                 yield wire.DONE
                 return
             output = record.get("output")
+            if isinstance(output, dict):  # an agent with an output schema: its answer is the object's JSON
+                output = json.dumps(output, ensure_ascii=False)
             rest = rest_of(answer, output) if isinstance(output, str) else ""
             if rest is None:  # the stream lost part of the answer: say so, then the answer as recorded
                 rest = f"\n\n> Part of the streamed answer was lost on the way; the answer as recorded:\n\n{output}"

@@ -40,6 +40,8 @@ class RunSpec(BaseModel):
     session: str | None = None  # a turn of this session: the worker reads the transcript from the API
     turn: int | None = None
     history: bool = False  # the caller gave the conversation before the message: read like a transcript
+    output_schema: dict[str, Any] | None = None  # the answer is an object matching this JSON Schema
+    limits: dict[str, int] = {}  # every limit of this execution (agents/limits.py), decided at creation
 
 
 class EventBatch(BaseModel):

@@ -52,6 +52,16 @@ KNOWN_CONTEXTS = (("gpt-4.1", 1_047_576), ("gpt-4o", 128_000), ("gpt-5", 400_000
 OLLAMA_DEFAULT_CONTEXT = 4096  # Ollama's num_ctx unless OLLAMA_CONTEXT_LENGTH says otherwise
 
 
+DEFAULT_MAX_TOKENS = 4096  # an answer's length when the agent file sets no max_tokens
+
+
+def default_max_tokens(context: int) -> int:
+    """The tokens a model call may generate when the agent sets no `max_tokens`: 4096, and at most half
+    the context window when this worker knows it (the prompt keeps the other half). Without a bound, a
+    small local model asked for something long can generate for minutes, holding the CPU."""
+    return min(DEFAULT_MAX_TOKENS, max(context // 2, 256)) if context > 0 else DEFAULT_MAX_TOKENS
+
+
 def context_window(provider: str, model: str, paths: Any) -> int:
     """What this worker knows of the model's context: the built-in engine's --ctx-size (from its service
     record), Ollama's default, a remote model's published window; 0 when unknown (a context overflow is

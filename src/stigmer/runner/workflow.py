@@ -6,6 +6,7 @@ produced. The workflow only coordinates; every side effect is an activity.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from datetime import timedelta
@@ -13,20 +14,22 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 from pydantic_ai.durable_exec.temporal import PydanticAIWorkflow
-from pydantic_ai.exceptions import ModelAPIError
+from pydantic_ai.exceptions import ModelAPIError, UnexpectedModelBehavior, UsageLimitExceeded
 from pydantic_ai.settings import ModelSettings
 from temporalio import activity, workflow
 from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
-    from stigmer.agents.spec import AgentSpec
+    from stigmer.agents.limits import effective as effective_limits
+    from stigmer.agents.spec import AgentSpec, output_type
     from stigmer.agents.tools import tool_configs
     from stigmer.executions.contract import WAKE_SIGNAL, WORKFLOW
     from stigmer.executions.messages import ExecutionRef, RunSpec
+    from stigmer.runner import limits
     from stigmer.runner.agent import MODEL_PREFIX, RunDeps, agent, tool_agent
     from stigmer.runner.approvals import Approvals
-    from stigmer.runner.llm import LlmTarget
+    from stigmer.runner.llm import LlmTarget, default_max_tokens
     from stigmer.runner.transcript import TRANSCRIPT_FAILED
 
 
@@ -137,13 +140,19 @@ class AgentExecution(PydanticAIWorkflow, Approvals):
         settings = ModelSettings()
         if inp.temperature is not None:
             settings["temperature"] = inp.temperature
-        if inp.max_tokens is not None:
-            settings["max_tokens"] = inp.max_tokens
+        # Every model call is bounded: the agent's max_tokens, else a default tied to the context window.
+        settings["max_tokens"] = inp.max_tokens or default_max_tokens(target.context)
         tools = _tools(inp)
         runner = tool_agent if tools else agent
+        budget = limits.Budget(effective_limits(None, inp.limits))  # the defaults, for records made before
         try:
-            result = await runner.run(
-                inp.message,
+            result = await limits.run(
+                runner,
+                budget,
+                inp.execution_id,
+                ref.ticket,
+                lambda history: _messages(inp, history),
+                user_prompt=inp.message,
                 model=MODEL_PREFIX + target.model,
                 deps=RunDeps(
                     execution_id=inp.execution_id,
@@ -157,7 +166,26 @@ class AgentExecution(PydanticAIWorkflow, Approvals):
                 ),
                 instructions=inp.instructions or None,
                 model_settings=settings,
+                # An output schema: the answer is a `final_result` tool call whose arguments must match it
+                # (a mismatch goes back to the model, within the agent's output retries).
+                output_type=output_type(inp.output_schema) if inp.output_schema else None,
             )
+        except UsageLimitExceeded as e:  # the agent library's own bounds are off (ours replace them): in case
+            raise ApplicationError(
+                f"The agent stopped: it reached a limit for one execution ({e.message.split('. ')[0]}).",
+                non_retryable=True,
+            ) from None
+        except UnexpectedModelBehavior as e:
+            if inp.output_schema and "output" in e.message:
+                raise ApplicationError(
+                    f"The model's answer did not match the agent's output_schema, after retries ({e.message}). "
+                    "A small model may need a simpler schema, or instructions that describe the fields.",
+                    non_retryable=True,
+                ) from None
+            raise ApplicationError(
+                f"The model ({target.model}) answered in a way the agent could not use: {e.message}",
+                non_retryable=True,
+            ) from None
         except (ActivityError, ModelAPIError) as e:
             from stigmer.runner.mcp_servers import setup_failure
 
@@ -173,8 +201,9 @@ class AgentExecution(PydanticAIWorkflow, Approvals):
             ) from e
         usage = result.usage
         messages = _messages(inp, result.all_messages())
+        output = result.output
         return ExecutionOutput(
-            text=str(result.output),
+            text=json.dumps(output, ensure_ascii=False) if isinstance(output, dict) else str(output),
             provider=target.provider,
             model=target.model,
             endpoint=target.shown,

@@ -138,6 +138,54 @@ MIGRATIONS: list[str] = [
     ALTER TABLE executions ADD COLUMN history TEXT;
     ALTER TABLE executions ADD COLUMN via TEXT;
     """,
+    # 7: agents that run on their own (server/triggers.py): schedules (also in Temporal) and the fires they
+    # made; webhooks (the secret is an HMAC key, kept as it is) and their deliveries; what started an
+    # execution ("schedule NAME", "hook NAME") and the warnings made when it was (a JSON list)
+    """
+    CREATE TABLE schedules (
+        name TEXT PRIMARY KEY,
+        agent TEXT NOT NULL,
+        message TEXT NOT NULL,
+        session TEXT,
+        every INTEGER,
+        cron TEXT,
+        timezone TEXT,
+        overlap TEXT NOT NULL,
+        created REAL NOT NULL,
+        last_fire REAL,
+        last_execution TEXT,
+        last_error TEXT
+    );
+    CREATE TABLE schedule_fires (
+        schedule TEXT NOT NULL,
+        fire_id TEXT NOT NULL,
+        execution_id TEXT NOT NULL,
+        created REAL NOT NULL,
+        PRIMARY KEY (schedule, fire_id)
+    );
+    CREATE TABLE hooks (
+        name TEXT PRIMARY KEY,
+        agent TEXT NOT NULL,
+        template TEXT,
+        session TEXT,
+        secret TEXT NOT NULL,
+        created REAL NOT NULL,
+        last_delivery REAL
+    );
+    CREATE TABLE hook_deliveries (
+        hook TEXT NOT NULL,
+        delivery TEXT NOT NULL,
+        execution_id TEXT NOT NULL,
+        created REAL NOT NULL,
+        PRIMARY KEY (hook, delivery)
+    );
+    ALTER TABLE executions ADD COLUMN trigger TEXT;
+    ALTER TABLE executions ADD COLUMN warnings TEXT;
+    """,
+    # 8: why an execution failed, as a stable code (limit_reached: a limit was crossed and going on denied)
+    """
+    ALTER TABLE executions ADD COLUMN error_code TEXT;
+    """,
 ]
 
 TERMINAL = ("COMPLETED", "FAILED", "CANCELLED")

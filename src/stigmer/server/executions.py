@@ -130,6 +130,9 @@ class Executions:
         continue_last: bool = False,
         history: list[dict[str, Any]] | None = None,
         via: str | None = None,
+        trigger: str | None = None,
+        warnings: list[str] | None = None,
+        limits: dict[str, int] | None = None,
     ) -> dict[str, Any]:
         """Start an execution: on its own, or as the next turn of a session (made when it is new; only one
         turn of a session runs at a time). `continue_last`: the most recently used session. `history`: the
@@ -159,6 +162,8 @@ class Executions:
             stored = self.db.get_session(session)
             owner = stored["agent"] if stored else None
         spec = self.agent(agent_name or owner or DEFAULT_AGENT)
+        from stigmer.agents import limits as limits_
+
         client = await self.client()
         exec_id = "ex-" + secrets.token_hex(8)
         ticket = secrets.token_urlsafe(24)
@@ -173,6 +178,8 @@ class Executions:
             tools=spec.tools,
             mcp_servers=spec.mcp_servers,
             workspace=spec.workspace,
+            output_schema=spec.output_schema,
+            limits=limits_.effective(spec.limits, limits_.check(limits or {})),
         )
         model = spec.model or self.settings.llm.model
         if session is not None:
@@ -184,6 +191,10 @@ class Executions:
             self.db.create_execution(exec_id, spec.name, message, model)
         try:
             extra: dict[str, Any] = {"via": via} if via else {}
+            if trigger:  # what started it: "schedule NAME", "hook NAME" (server/triggers.py)
+                extra["trigger"] = trigger
+            if warnings:
+                extra["warnings"] = json.dumps(warnings, ensure_ascii=False)
             if history and session is None:
                 extra["history"] = json.dumps(history, ensure_ascii=False)
                 run.history = True
@@ -295,8 +306,11 @@ class Executions:
         row = self.db.get_execution(exec_id)
         if row is None:
             raise not_found(exec_id)
+        row["output"] = _structured(row)
         for private in ("spec", "ticket", "run_id", "cancel_requested"):
             row.pop(private, None)
+        if row.get("warnings"):
+            row["warnings"] = json.loads(row["warnings"])
         if row.get("history"):  # the conversation the caller gave before the message (OpenAI endpoint)
             row["history"] = json.loads(row["history"])
         end = row["finished"] or (time.time() if row["state"] not in TERMINAL else None)
@@ -562,6 +576,9 @@ class Executions:
                 attempts = await _attempts(handle)
                 if not isinstance(e.cause, CancelledError):
                     reason = _reason(e)
+                    produced = _limit_reached(e)
+                    if produced is not None:  # a limit was crossed and going on denied: keep what it made
+                        return lambda: self._finish_limited(exec_id, reason, produced, attempts)
                     return lambda: self._finish(exec_id, FAILED, error=reason, **attempts)
                 if (self.db.get_execution(exec_id) or {}).get("cancel_requested"):
                     return lambda: self._finish(exec_id, CANCELLED, error="Cancelled.", **attempts)
@@ -604,6 +621,13 @@ class Executions:
             tool_calls=out.get("tool_calls") or 0,
         )
 
+    def _finish_limited(
+        self, exec_id: str, reason: str, messages: list[dict[str, Any]], attempts: dict[str, int]
+    ) -> None:
+        if messages:
+            self.db.set_messages(exec_id, messages)
+        self._finish(exec_id, FAILED, error=reason, error_code="limit_reached", **attempts)
+
     def _finish(self, exec_id: str, state: str, **fields: Any) -> None:
         row = self.db.get_execution(exec_id) or {}
         self.db.update_execution(exec_id, state=state, finished=time.time(), **fields)
@@ -612,6 +636,32 @@ class Executions:
             self.db.set_messages(exec_id, [{"role": "user", "content": row.get("message", "")}])
         record = self.record(exec_id)
         self.publish(exec_id, state.lower(), {"record": record})
+
+
+def _structured(row: dict[str, Any]) -> Any:
+    """The output as the record shows it: the object itself for an agent with an output schema (the row
+    keeps its JSON text, which the OpenAI-compatible endpoint and transcripts use as the answer)."""
+    output = row.get("output")
+    spec = row.get("spec") or ""
+    if not isinstance(output, str) or not output.startswith("{") or '"output_schema":{' not in spec:
+        return output
+    try:
+        return json.loads(output)
+    except ValueError:
+        return output
+
+
+def _limit_reached(e: BaseException) -> list[dict[str, Any]] | None:
+    """The messages an execution produced before a limit stopped it (see runner/limits.py), or None
+    when it failed for another reason."""
+    from temporalio.exceptions import ApplicationError
+
+    cause = getattr(e, "cause", None)
+    if not isinstance(cause, ApplicationError) or cause.type != "limit_reached":
+        return None
+    details = cause.details[0] if cause.details else {}
+    messages = details.get("messages") if isinstance(details, dict) else None
+    return [m for m in messages if isinstance(m, dict)] if isinstance(messages, list) else []
 
 
 SESSION_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")

@@ -80,7 +80,7 @@ def create_app(settings: Settings, paths: Paths, *, token: str, worker_token: st
     from stigmer.endpoint.keys import Keys
     from stigmer.endpoint.upstream import Upstream
     from stigmer.net.guard import LoopbackGuard
-    from stigmer.server.api import key_routes, runner_routes
+    from stigmer.server.api import key_routes, runner_routes, trigger_routes
     from stigmer.server.api.temporal_ui import LINK_TTL, SIGNIN_PATH, ByPort, Sessions, TemporalUiGuard
     from stigmer.server.db import Database
     from stigmer.server.executions import Executions
@@ -130,7 +130,9 @@ def create_app(settings: Settings, paths: Paths, *, token: str, worker_token: st
 
         from stigmer.server.status import server_status
 
-        return JSONResponse(await run_in_threadpool(server_status, settings, paths))
+        data = await run_in_threadpool(server_status, settings, paths)
+        data["schedules"] = await _schedules_summary(ex())
+        return JSONResponse(data)
 
     # -- agents ----------------------------------------------------------------------------------------
     async def agents(request: Request) -> JSONResponse:
@@ -184,6 +186,7 @@ def create_app(settings: Settings, paths: Paths, *, token: str, worker_token: st
             body.get("message", ""),
             session=session,  # "" is refused with the naming rule, never taken as "no session"
             continue_last=body.get("continue") is True,
+            limits=body.get("limits"),  # checked by create: known names, whole numbers within bounds
         )
         return JSONResponse(record, status_code=201)
 
@@ -301,6 +304,7 @@ def create_app(settings: Settings, paths: Paths, *, token: str, worker_token: st
             Route("/v1/sessions/{name}/fork", fork, methods=["POST"]),
             *runner_routes.routes(ex, key_id(payload_key(paths))),
             *key_routes.routes(keys),
+            *trigger_routes.routes(ex, settings.server.port),  # schedules, webhooks (/hooks/: signed)
             *endpoint_routes.routes(settings, token, ex, keys, lambda: state["upstream"]),
             *console.routes(settings, paths, ex, temporal_link),  # the web console (its own door)
         ],
@@ -315,7 +319,11 @@ def create_app(settings: Settings, paths: Paths, *, token: str, worker_token: st
         app,
         token=token,
         worker_token=worker_token,
-        self_authenticated=lambda p: endpoint_routes.is_endpoint_path(p) or console.is_console_path(p),
+        self_authenticated=lambda p: (
+            endpoint_routes.is_endpoint_path(p)
+            or console.is_console_path(p)
+            or trigger_routes.is_hook_path(p)
+        ),
         key_reader=key_reader,
     )
     # No CORS unless server.origins lists an origin (a browser client of the OpenAI endpoint); then
@@ -325,6 +333,27 @@ def create_app(settings: Settings, paths: Paths, *, token: str, worker_token: st
     if ui is None:
         return api
     return ByPort(api, {settings.temporal.ui_port: ui})
+
+
+async def _schedules_summary(ex: Any) -> dict[str, Any]:
+    """How many schedules, and the next fire of any (for `stigmer server status`)."""
+    import asyncio
+
+    from stigmer.server.triggers import Triggers
+
+    try:
+        found = await asyncio.wait_for(Triggers(ex).schedules(), 2)  # the rest of the status must not wait
+    except Exception as e:  # noqa: BLE001 - the status shows the rest; say why this part is missing
+        return {"count": None, "next": None, "error": str(e)[:200]}
+    nexts = [s["next"][0] for s in found if s.get("next") and not s.get("paused")]
+    return {
+        "count": len(found),
+        "paused": sum(1 for s in found if s.get("paused")),
+        "next": min(nexts) if nexts else None,
+        "next_name": min((s["next"][0], s["name"]) for s in found if s.get("next") and not s.get("paused"))[1]
+        if nexts
+        else None,
+    }
 
 
 def _sse(seq: int, kind: str, data: dict[str, Any]) -> dict[str, str]:

@@ -1,0 +1,143 @@
+"""An execution's limits, kept inside the workflow (agents/limits.py says which and how much).
+
+The agent is driven step by step: before each model request the model calls, tokens and seconds used
+so far are compared with the limits, and before each step that runs tools, the tool calls. The counts
+are the agent run's own (the workflow's state: a worker that restarts replays them, so they hold over
+the whole execution). Crossing a limit does not fail the execution: it waits for a person, like a tool
+call that needs approval (an `approval_required` event named `limit`, with the reason, answered through
+`stigmer execution approve|deny` or the prompt of `stigmer run`). Approving grants the same amount
+again; denying ends the execution FAILED with the type `limit_reached`, with the messages it produced.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from temporalio import workflow
+from temporalio.exceptions import ApplicationError
+
+with workflow.unsafe.imports_passed_through():
+    from stigmer.runner.approvals import (
+        _RETRY,
+        RECHECK,
+        Approvals,
+        DecisionsInput,
+        NotifyInput,
+        decisions,
+        notify,
+    )
+
+LIMIT_REACHED = "limit_reached"  # the failure's type: the API records it as the execution's error code
+OUTPUT_TOOL = "final_result"  # the structured answer (an output schema) is a tool call, not a tool's
+
+
+class Budget:
+    """The limits of one execution and what was granted on top (approved crossings)."""
+
+    def __init__(self, limits: dict[str, int]) -> None:
+        self.base = dict(limits)
+        self.allowed = dict(limits)
+        self.started = workflow.now()
+        self.crossings = 0
+
+    def crossed(self, node: Any, usage: Any) -> tuple[str, int, int] | None:
+        """(name, used, limit) of the first limit the next step would cross, else None."""
+        from pydantic_ai import Agent
+
+        used_seconds = int((workflow.now() - self.started).total_seconds())
+        if "seconds" in self.allowed and used_seconds >= self.allowed["seconds"]:
+            return "seconds", used_seconds, self.allowed["seconds"]
+        if Agent.is_model_request_node(node):
+            if usage.requests >= self.allowed.get("model_calls", usage.requests + 1):
+                return "model_calls", usage.requests, self.allowed["model_calls"]
+            tokens = usage.input_tokens + usage.output_tokens
+            if tokens >= self.allowed.get("tokens", tokens + 1):
+                return "tokens", tokens, self.allowed["tokens"]
+        if Agent.is_call_tools_node(node):
+            asked = sum(1 for c in node.model_response.tool_calls if c.tool_name != OUTPUT_TOOL)
+            if asked and usage.tool_calls + asked > self.allowed.get("tool_calls", usage.tool_calls + asked):
+                return "tool_calls", usage.tool_calls, self.allowed["tool_calls"]
+        return None
+
+    def grant(self, name: str) -> None:
+        self.allowed[name] += self.base[name]
+
+
+async def ask(budget: Budget, execution_id: str, ticket: str, crossed: tuple[str, int, int]) -> bool:
+    """Wait for a person to approve going on past a limit (True) or not."""
+    name, used, limit = crossed
+    budget.crossings += 1
+    call_id = f"limit-{name}-{budget.crossings}"
+    reason = f"limit: {name} {used} of {limit}"
+    more = f"{budget.base[name]:,} more {name.replace('_', ' ')}"
+    await workflow.execute_activity(
+        notify,
+        NotifyInput(
+            execution_id=execution_id,
+            ticket=ticket,
+            events=[
+                {
+                    "type": "approval_required",
+                    "id": call_id,
+                    "name": "limit",
+                    "args": {"reason": reason, "approve": f"grants {more}"},
+                    "reason": reason,
+                }
+            ],
+        ),  # fmt: skip
+        start_to_close_timeout=timedelta(seconds=90),
+        retry_policy=_RETRY,
+    )
+    state: Approvals = workflow.instance()
+    while call_id not in state.decisions:
+        try:
+            await workflow.wait_condition(lambda: state.woken, timeout=RECHECK)
+        except TimeoutError:
+            pass
+        state.woken = False
+        for found in await workflow.execute_activity(
+            decisions,
+            DecisionsInput(execution_id=execution_id, ticket=ticket, call_ids=[call_id]),
+            start_to_close_timeout=timedelta(seconds=30),
+            retry_policy=_RETRY,
+        ):
+            state.decisions[found.call_id] = found  # never an "always": each crossing is asked
+    return state.decisions[call_id].approve
+
+
+def refused(crossed: tuple[str, int, int], messages: list[dict[str, Any]]) -> ApplicationError:
+    name, used, limit = crossed
+    return ApplicationError(
+        f"limit: {name} {used} of {limit}, and going on was denied. Raise it in the agent file "
+        f"(limits: {{{name}: N}}) or for one run (stigmer run --limit {name}=N).",
+        {"messages": messages},
+        type=LIMIT_REACHED,
+        non_retryable=True,
+    )
+
+
+async def run(
+    runner: Any, budget: Budget, execution_id: str, ticket: str, messages: Any, **kwargs: Any
+) -> Any:
+    """The agent run, step by step within the budget. `messages(history)`: the record's messages of what
+    was produced so far (kept when a crossing is denied)."""
+    from pydantic_ai import Agent
+    from pydantic_ai.usage import UsageLimits
+
+    # The agent library's own limit (50 requests) gives way to ours.
+    async with runner.iter(usage_limits=UsageLimits(request_limit=None), **kwargs) as agent_run:
+        node = agent_run.next_node
+        while not Agent.is_end_node(node):
+            crossed = budget.crossed(node, agent_run.usage())
+            while crossed is not None:
+                if not await ask(budget, execution_id, ticket, crossed):
+                    # what it made, the tool results the next request would have carried too
+                    made = agent_run.all_messages()
+                    if Agent.is_model_request_node(node):
+                        made = [*made, node.request]
+                    raise refused(crossed, messages(made))
+                budget.grant(crossed[0])
+                crossed = budget.crossed(node, agent_run.usage())
+            node = await agent_run.next(node)
+        return agent_run.result
