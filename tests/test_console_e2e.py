@@ -1,9 +1,10 @@
 """The web console (issue 17), end to end in a real browser (Chromium driven by Playwright) against the
 real server (API, worker, Temporal) with a scripted OpenAI-compatible model: sign-in, chat, Stop, the
-approvals inbox, the agent editor, models, a forged request from another localhost port, the phone width,
-and no errors in the browser's console. One server for the module (a start costs ~10 s); every test
-signs in afresh. Screenshots of every page, light and dark, go to $CONSOLE_SHOTS (default: the pytest
-temp folder's console-shots/)."""
+approvals inbox (also across a server restart: the last test, as it restarts the module's server), the
+agent editor, models, a forged request from another localhost port, the phone width, and no errors in the
+browser's console. One server for the module (a start costs ~10 s); every test signs in afresh. The Models
+page with a local provider (pull, remove) is in test_console_models_e2e.py. Screenshots of every page,
+light and dark, go to $CONSOLE_SHOTS (default: the pytest temp folder's console-shots/)."""
 
 from __future__ import annotations
 
@@ -474,3 +475,46 @@ def test_every_page_fits_a_phone_in_light_and_dark_without_console_errors(consol
                 console.shot(page, f"{name}-{label}-{scheme}")
             page.context.close()
     assert errors == [] and console.errors == [], errors + console.errors
+
+
+# -- a restart: last, as it restarts the module's server -----------------------------------------------------
+def test_an_approval_waiting_in_the_inbox_survives_a_server_restart(console: Console) -> None:
+    _apply(
+        console, "name: night-ops\ninstructions: You run commands.\ntools:\n  - shell: {approval: required}\n"
+    )
+    console.fake.script += [
+        tool_call("run_command", argv=["echo", "still here"]),
+        {"content": "It said: still here."},
+    ]
+    rec = console.api().post("/v1/executions", {"agent": "night-ops", "message": "Echo after a restart"})
+    wait_until(lambda: in_state(rec["id"], "WAITING_APPROVAL"), 120)
+    before = console.signed_in(watched=False)  # its live parts fail while the server is down: expected
+    before.goto("/ui/approvals")
+    inbox = f".approval:has(a[href='/ui/executions/{rec['id']}'])"
+    before.locator(inbox).wait_for()
+    r = run_cli("server", "restart", env=console.env, timeout=240)
+    assert r.returncode == 0, r.stdout + r.stderr
+    # the console's sessions were the old API process's: that page is signed out
+    assert before.reload().status == 401
+    assert before.locator("h1").inner_text() == "Sign in to the Stigmer console"
+    before.context.close()
+    # signed in again: the call still waits in the inbox, and is answered from there
+    page = console.signed_in()
+    page.locator("#nav-approvals", has_text="1").wait_for()  # the count in the navigation bar
+    page.goto("/ui/approvals")
+    card = page.locator(inbox)
+    card.wait_for()
+    assert card.locator("code").first.inner_text() == "run_command"
+    assert '"still here"' in card.locator("pre").inner_text() and "night-ops" in card.inner_text()
+    console.shot(page, "approvals-after-restart-light")
+    card.get_by_role("button", name="Allow once").click()
+    card.get_by_role("status").wait_for()
+    done = wait_until(lambda: in_state(rec["id"], "COMPLETED", "FAILED"), 120)
+    assert done["state"] == "COMPLETED" and done["output"] == "It said: still here."
+    page.get_by_text("Nothing is waiting for your approval.").wait_for(timeout=10_000)
+    page.goto(f"/ui/executions/{rec['id']}")
+    assert page.locator("#x-state").inner_text() == "completed"
+    assert "still here" in page.locator(".tool-result pre").first.text_content()
+    assert page.locator(".msg.assistant .md").last.inner_text() == "It said: still here."
+    page.context.close()
+    assert console.errors == [], console.errors
