@@ -2,18 +2,97 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from stigmer.paths import Paths
 
 PROXY_VARS = ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY")
+# pytest-xdist workers for `-n auto` (pyproject.toml's addopts). The end-to-end tests spend most of their
+# time waiting for subprocesses to start (Temporal, the API, the worker, the engine): on CI's 2 cores, 3
+# workers take the whole suite from ~19 to ~7 minutes. Not more: every managed Temporal takes two of the
+# 11 browser-blocked ports (server/api/temporal_ui.py), so at most 5 test servers fit at once (a test
+# may run two), and a 4th worker adds more CPU contention than it saves.
+TEST_WORKERS = 3
+
+
+@pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook: no error where it is not installed
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return None  # pytest-xdist's own reading of it
+    named = config.option.file_or_dir or []
+    if named and all("::" in arg for arg in named):
+        return 0  # single tests: run them here, without starting workers
+    return TEST_WORKERS
+
+
+# -- tests that run alone -----------------------------------------------------------------------------------
+# @pytest.mark.alone: a test whose wall-clock bound is tight next to what it measures (a CLI that must
+# answer in under a second, say). With pytest-xdist it runs while no other test of this run does: each test
+# holds a shared lock on <basetemp>/room.lock, an `alone` test an exclusive one. Before taking the room a
+# test passes the turnstile (turnstile.lock): an `alone` test keeps the turnstile until it is done, so the
+# others cannot crowd it out, and new tests wait while the running ones end. The `alone` tests are moved to
+# the end of the run, where they cost the least waiting.
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "alone: runs while no other test of this run does (pytest-xdist): a tight time bound"
+    )
+
+
+# tryfirst: before pytest-xdist's own, which reads the xdist_group marks added here
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """With pytest-xdist (the same in every worker, as it requires): the `alone` tests go last; the tests
+    of a module that has a fixture of its own set up once per module (a server, an engine) share a worker
+    (an xdist_group), which then sets it up once rather than once per worker."""
+    if not hasattr(config, "workerinput"):
+        return
+    items.sort(key=lambda item: item.get_closest_marker("alone") is not None)  # the others keep their order
+    for item in items:
+        if item.get_closest_marker("alone") or item.get_closest_marker("xdist_group"):
+            continue
+        info = getattr(item, "_fixtureinfo", None)
+        defs = [d for ds in (info.name2fixturedefs.values() if info else []) for d in ds]
+        if any(d.scope != "function" and d.baseid.endswith(".py") for d in defs):  # defined in a test module
+            item.add_marker(pytest.mark.xdist_group(f"module:{item.nodeid.split('::')[0]}"))
+
+
+@contextlib.contextmanager
+def _flock(path: Path, mode: int) -> Iterator[None]:
+    import fcntl
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, mode)
+        yield
+    finally:
+        os.close(fd)  # and the lock with it
+
+
+# tryfirst: outside pytest-timeout's timer, which is for the test, not for its wait here
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> object:
+    if not hasattr(item.config, "workerinput") or sys.platform == "win32":
+        return (yield)
+    import fcntl
+
+    run = Path(item.config.option.basetemp).parent  # the run's folder: each worker's is inside it
+    alone = item.get_closest_marker("alone") is not None
+    with contextlib.ExitStack() as held:
+        with _flock(run / "turnstile.lock", fcntl.LOCK_EX):
+            held.enter_context(_flock(run / "room.lock", fcntl.LOCK_EX if alone else fcntl.LOCK_SH))
+            if alone:
+                return (yield)  # with the turnstile kept
+        return (yield)
 
 
 @pytest.fixture(autouse=True)
@@ -84,3 +163,53 @@ def stop_server(isolated_home: Paths) -> Iterator[None]:
     from stigmer.server.control import stop
 
     stop(isolated_home)
+
+
+# -- processes left running -------------------------------------------------------------------------------
+LEFT_RUNNING = pytest.StashKey[list[str]]()
+
+
+def _started_by_this_run(basetemp: Path) -> list[psutil.Process]:
+    """Live processes that this run's tests started: their command line, or the HOME or STIGMER_HOME they
+    were started with, is under the run's temp folder (every test's HOME is, isolated_home). Not another
+    pytest run's on the same machine, nor a process that a test's fixture adopted from elsewhere."""
+    root = str(basetemp)
+    found = []
+    for p in psutil.process_iter(["cmdline", "environ", "status"]):
+        if p.pid == os.getpid() or p.info["status"] == psutil.STATUS_ZOMBIE:
+            continue
+        env = p.info["environ"] or {}
+        named = [*(p.info["cmdline"] or []), env.get("HOME", ""), env.get("STIGMER_HOME", "")]
+        if any(root in s for s in named):
+            found.append(p)
+    return found
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Once every test is done (in the controller, with pytest-xdist): a process a test started and did not
+    stop is reported, then stopped, so that it cannot hold ports or files for the next run."""
+    factory = getattr(session.config, "_tmp_path_factory", None)
+    if hasattr(session.config, "workerinput") or factory is None:
+        return
+    basetemp = factory.getbasetemp()
+    deadline = time.monotonic() + 10  # one that is stopping as the last test ends
+    while (left := _started_by_this_run(basetemp)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    described = []
+    for p in left:
+        with contextlib.suppress(psutil.Error):
+            described.append(f"pid {p.pid}: {' '.join(p.cmdline())[:300]}")
+            p.terminate()
+    _gone, alive = psutil.wait_procs(left, timeout=5)
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    session.config.stash[LEFT_RUNNING] = described
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
+    left = config.stash.get(LEFT_RUNNING, [])
+    if left:
+        terminalreporter.section("processes left running by tests (now stopped)", sep="-", yellow=True)
+        for line in left:
+            terminalreporter.line(line)

@@ -26,6 +26,7 @@ from stigmer.llm.llamacpp.engine import (
 from stigmer.llm.models import starter
 from stigmer.llm.models.starter import starter_model_path
 from stigmer.net.addresses import is_loopback_host
+from tests.doubles.archives import free_port
 from tests.doubles.engine import ALIAS, STARTUP_DEADLINE, Engine, health, spawn_engine, wait_ready
 from tests.doubles.engine import starter as _model
 
@@ -33,9 +34,7 @@ posix_only = pytest.mark.skipif(os.name == "nt", reason="POSIX signals")
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_port()  # not the OS's pick: no other test's server takes it before the engine binds it
 
 
 def _spawn(tmp: Path, *, port: int, host: str = "127.0.0.1", model: Path | None = None) -> Engine:

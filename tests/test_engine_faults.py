@@ -32,12 +32,18 @@ def engine_env(isolated_home: Paths) -> dict[str, str]:
     }
 
 
-def _engines(home: Paths) -> list[psutil.Process]:
-    """Built-in engine processes serving on this test's ports (whatever records say)."""
+def _engines(port: int) -> list[psutil.Process]:
+    """Built-in engine processes serving on this test's port (whatever records say); never another
+    test's, which pytest-xdist may run at the same time."""
     out = []
     for p in psutil.process_iter(["cmdline"]):
         cmd = p.info["cmdline"] or []
-        if "stigmer.llm.llamacpp.engine" in cmd and p.status() != psutil.STATUS_ZOMBIE:
+        if (
+            "stigmer.llm.llamacpp.engine" in cmd
+            and "--port" in cmd[:-1]
+            and cmd[cmd.index("--port") + 1] == str(port)
+            and p.status() != psutil.STATUS_ZOMBIE
+        ):
             out.append(p)
     return out
 
@@ -45,7 +51,8 @@ def _engines(home: Paths) -> list[psutil.Process]:
 def test_concurrent_starts_leave_one_engine_with_its_record(
     isolated_home: Paths, engine_env: dict[str, str]
 ) -> None:
-    before = {p.pid for p in _engines(isolated_home)}
+    port = int(engine_env["STIGMER_LLM_BASE_URL"].rsplit(":", 1)[1])
+    before = {p.pid for p in _engines(port)}
     results: list[subprocess.CompletedProcess[str]] = []
     threads = [
         threading.Thread(target=lambda: results.append(run_cli("server", env=engine_env, timeout=240)))
@@ -58,7 +65,7 @@ def test_concurrent_starts_leave_one_engine_with_its_record(
     assert [r.returncode for r in results] == [0] * 5, [r.stderr for r in results]
     rec = records.read(isolated_home.pid_file("llm"))
     assert rec is not None and records.is_ours(rec)
-    ours = [p for p in _engines(isolated_home) if p.pid not in before]
+    ours = [p for p in _engines(port) if p.pid not in before]
     assert [p.pid for p in ours] == [rec.pid]  # exactly one engine, the recorded one
     for r in results:
         assert "Ready!" in r.stdout and f"PID:      {rec.pid}" in r.stdout  # the real pid, in every run

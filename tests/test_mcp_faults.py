@@ -96,9 +96,15 @@ def _written(path: Path) -> bool:
 
 
 def _servers_running() -> list[psutil.Process]:
+    """The faulty servers (and their guardians) that this process's toolsets started, by the mark tool
+    processes carry: not those of the tests that pytest-xdist runs in other processes meanwhile."""
     found = []
-    for p in psutil.process_iter(["cmdline"]):
-        if str(SERVER) in " ".join(p.info["cmdline"] or []) and not _gone(p.pid):
+    for p in psutil.process_iter(["cmdline", "environ"]):
+        if (
+            str(SERVER) in " ".join(p.info["cmdline"] or [])
+            and (p.info["environ"] or {}).get(procs.OWNER_ENV) == procs.owner()
+            and not _gone(p.pid)
+        ):
             found.append(p)
     return found
 
@@ -112,6 +118,7 @@ def nothing_left() -> Iterator[None]:
 
 
 # -- start failures ----------------------------------------------------------------------------------
+@pytest.mark.alone  # within 10 s: two Python start-ups, which other tests' CPU can stretch past it
 def test_a_server_that_exits_fails_at_once_naming_it() -> None:
     async def body() -> None:
         await _call(runner_tools.mcp_toolset(_config("exit")), "echo", text="hi")
@@ -130,6 +137,7 @@ def test_a_server_that_exits_fails_at_once_naming_it() -> None:
     assert "LLM" not in error.message
 
 
+@pytest.mark.alone  # within the timeout + 5 s: Python start-ups and a stop, stretched by other tests' CPU
 def test_a_silent_server_fails_within_the_start_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
     # The real limits: a start fails within ~20 s (the handshake's, then the stop's ~3 s), < 30 s.
     assert mcp_servers.HANDSHAKE_TIMEOUT < mcp_servers.START_TIMEOUT <= 20
@@ -158,6 +166,7 @@ def model(isolated_home: Paths, monkeypatch: pytest.MonkeyPatch) -> Iterator[Fak
         yield fake
 
 
+@pytest.mark.alone  # within 30 s, the CLI and the worker's start-ups included
 @pytest.mark.usefixtures("stop_server")
 def test_through_the_server_a_start_failure_fails_the_execution_at_once_naming_the_server(
     model: FakeOpenAI, tmp_path: Path
@@ -190,6 +199,7 @@ def test_the_workflow_names_the_server_not_the_llm() -> None:
 
 
 # -- calls ---------------------------------------------------------------------------------------------
+@pytest.mark.alone  # within the timeout + 5 s
 def test_a_call_that_hangs_honours_its_timeout_and_the_server_is_restarted() -> None:
     async def body() -> tuple[str, float, str, str]:
         toolset = runner_tools.mcp_toolset(_config(timeout=2))
@@ -223,6 +233,7 @@ def test_a_cancelled_call_stops_the_server() -> None:
     assert _run(body), "the server of a cancelled call was not stopped within 10 s"
 
 
+@pytest.mark.alone  # a wall-clock bound and this process's CPU time, measured
 def test_a_server_that_floods_its_output_is_stopped_and_the_log_stays_small() -> None:
     logged: list[str] = []
 

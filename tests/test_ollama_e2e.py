@@ -53,6 +53,7 @@ def downloads(srv: ReleaseServer) -> list[str]:
     return [r.path for r in srv.requests if r.method == "GET"]
 
 
+@pytest.mark.alone  # the second run answers within a second: a bound no CPU shared with other tests keeps
 def test_first_run_second_run_stop(isolated_home: Paths, releases: ReleaseServer) -> None:
     # proxies in the environment: downloads from loopback bypass them, the runtime must receive them
     env = env_for(releases, HTTPS_PROXY="http://proxy.invalid:3128", NO_PROXY="localhost,127.0.0.1")

@@ -15,6 +15,7 @@ from stigmer.errors import StigmerError
 from stigmer.llm import active
 from stigmer.llm.quick_status import DEFAULT_CHOICE, FALLBACK_URL, LOCAL, quick_status
 from stigmer.paths import Paths
+from tests.doubles.archives import free_port
 
 # -- config.light: exactly what ruamel reads, or None ---------------------------------------------------
 SIMPLE = [
@@ -127,9 +128,7 @@ def remember(paths: Paths, model: str = "qwen2.5-coder:1.5b", tps: float = 10.1)
 
 @pytest.fixture
 def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_port()  # not the OS's pick: no other test's server can take it meanwhile
 
 
 def test_the_runtime_with_its_remembered_default(isolated_home: Paths, closed_port: int, monkeypatch) -> None:  # type: ignore[no-untyped-def]

@@ -10,7 +10,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,6 +29,7 @@ from stigmer.llm.names import parse_model_name
 from stigmer.net import download, retry
 from stigmer.net.download import human_bytes, partial_path
 from stigmer.net.parts import download_parts, plan, record_path
+from tests.doubles.archives import free_port
 from tests.doubles.fake_registry import SIGNATURE, FakeRegistry
 
 MIB = 1024 * 1024
@@ -350,9 +350,7 @@ def test_range_ignored_and_cut_restarts_from_0_and_still_verifies(
 
 
 def test_unreachable_registry_names_the_mirror_setting(pull: Pull) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # closed again: nothing listens there
+    port = free_port()  # nothing listens there (not the OS's pick: no other test's server takes it)
 
     class Gone:
         url = f"http://127.0.0.1:{port}"

@@ -35,6 +35,16 @@ def _tool_messages(api: FakeOpenAI) -> list[str]:
     return seen
 
 
+def _running_in(folder: Path, argv: list[str]) -> bool:
+    """Whether a process whose command line ends with argv runs in folder: this test's own command, not
+    one of the other tests that pytest-xdist runs at the same time (nor of anything else on the machine)."""
+    for p in psutil.process_iter(["cmdline", "cwd"]):
+        if (p.info["cmdline"] or [])[-len(argv) :] == argv and p.info["cwd"]:
+            if Path(p.info["cwd"]).resolve() == folder.resolve():
+                return True
+    return False
+
+
 @pytest.fixture
 def api(isolated_home: Paths, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeOpenAI]:
     with FakeOpenAI(key="sk-tools") as fake:
@@ -144,8 +154,10 @@ def test_mcp_server_tools(isolated_home: Paths, api: FakeOpenAI, tmp_path: Path)
     assert "1 notes" in _tool_messages(api)[0]  # the server's answer reached the model
     tools_offered = {t["function"]["name"] for t in api.requests[0].get("tools") or []}
     assert {"notes_add_note", "notes_count_notes"} <= tools_offered
-    servers = [
-        p for p in psutil.process_iter(["cmdline"]) if str(MCP_SERVER) in " ".join(p.info["cmdline"] or [])
+    servers = [  # this test's server (its notes file): pytest-xdist may run another test's meanwhile
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if {str(MCP_SERVER), str(notes)} <= set(p.info["cmdline"] or [])
     ]
     assert servers, "the MCP server runs while the worker does"
     run_cli("server", "stop")
@@ -165,10 +177,7 @@ def test_killed_worker_never_repeats_a_finished_tool_call(
     exec_id = run_cli("run", "worker", "--detach", "-m", "go").stdout.strip()
     workspace = isolated_home.data_dir / "workspace" / "worker"
     wait_until(lambda: (workspace / "count.txt").exists())
-    wait_until(
-        lambda: any("sleep" in " ".join(p.info["cmdline"] or []) for p in psutil.process_iter(["cmdline"])),
-        30,
-    )
+    wait_until(lambda: _running_in(workspace, ["sleep", "6"]), 30)  # the second call has started
     status = json.loads(run_cli("server", "status", "--json").stdout)
     os.kill(status["services"]["agent-runner"]["pid"], signal.SIGKILL)
     rec = wait_until(lambda: in_state(exec_id, "COMPLETED", "FAILED"), 180)

@@ -10,12 +10,15 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import os
+import random
 import re
 import secrets
 import socket
 import stat
 import sys
 import tarfile
+import threading
 import zipfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -394,11 +397,56 @@ def read_checksums(path: Path) -> dict[str, str]:
     return result
 
 
+# The ports free_port() hands out. Not the OS's choice (bind to port 0): that comes from the ephemeral
+# range (/proc/sys/net/ipv4/ip_local_port_range, 32768-60999 by default), where every outgoing connection
+# and every server that binds port 0 (the product's own internal ports, Temporal's, uvicorn's) takes its
+# port too, so a port found free there can be taken before the test's server binds it, and a port meant to
+# stay dead (conftest's registry and Hugging Face addresses) can come alive. Below that range only the
+# tests hand out ports, and each pytest-xdist worker from a slice of its own, in turn: no two tests that
+# run at the same time, and no two calls within one test, get the same port.
+_PORTS = (15000, 32768)
+_SKIP = {11434, 11435}  # ollama's and the built-in engine's defaults
+_ports_lock = threading.Lock()
+_next_port: list[int] = []  # [offset of the next port in this process's slice], once chosen
+
+
+def _port_slice() -> tuple[int, int]:
+    """[low, high) of this process's ports: its xdist worker's share of _PORTS below the ephemeral range."""
+    low, high = _PORTS
+    try:
+        high = min(high, int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0]))
+    except (OSError, ValueError, IndexError):
+        pass  # not Linux: the ephemeral range starts at 49152 (macOS, Windows)
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")  # gw0, gw1, ...
+    count = max(int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1), 1)
+    index = int(worker[2:]) % count if worker[:2] == "gw" and worker[2:].isdigit() else 0
+    width = (high - low) // count
+    return low + index * width, low + (index + 1) * width
+
+
 def free_port() -> int:
-    """A free TCP port on 127.0.0.1, never ollama's default 11434."""
-    while True:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = int(sock.getsockname()[1])
-        if port != 11434:
+    """A free TCP port on 127.0.0.1 that no other test running now was given, never ollama's default 11434
+    (see _PORTS)."""
+    low, high = _port_slice()
+    if high - low < 100:  # an unusual ephemeral range: let the OS choose
+        while True:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                sock.bind(("127.0.0.1", 0))
+                port = int(sock.getsockname()[1])
+            if port not in _SKIP:
+                return port
+    with _ports_lock:
+        if not _next_port:  # a random start: two pytest runs on one machine rarely walk the same ports
+            _next_port.append(random.SystemRandom().randrange(high - low))
+        for _ in range(high - low):
+            port = low + _next_port[0] % (high - low)
+            _next_port[0] += 1
+            if port in _SKIP:
+                continue
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                try:
+                    sock.bind(("127.0.0.1", port))
+                except OSError:
+                    continue  # in use (a server of this test, or another program)
             return port
+    raise OSError(f"no free port in {low}-{high - 1}")

@@ -210,11 +210,26 @@ def test_fault_knobs(tmp_path: Path) -> None:
         assert gone[-1] == {"error": "pull model manifest: file does not exist"}
 
 
+def _wait_for_handler(pid: int, signum: int, timeout: float = 30.0) -> None:
+    """Until the process catches signum (Linux: its SigCgt mask; elsewhere a fixed half second)."""
+    status = Path(f"/proc/{pid}/status")
+    if not status.exists():
+        time.sleep(0.5)
+        return
+    deadline = time.monotonic() + timeout
+    while True:
+        caught = next(line for line in status.read_text().splitlines() if line.startswith("SigCgt:"))
+        if int(caught.split()[1], 16) & (1 << (signum - 1)):
+            return
+        assert time.monotonic() < deadline, "the fake never installed its handler"
+        time.sleep(0.01)
+
+
 def test_sigterm_during_start_delay_exits_zero(tmp_path: Path) -> None:
     env = serve_env(tmp_path / "m", archives.free_port(), OLLAMA_FAKE_START_DELAY="30")
     proc = subprocess.Popen([sys.executable, str(SCRIPT), "serve"], env=env, stderr=subprocess.DEVNULL)
     try:
-        time.sleep(0.5)
+        _wait_for_handler(proc.pid, signal.SIGTERM)  # in the delay, not in Python's start-up before it
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(10) == 0
     finally:
