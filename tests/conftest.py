@@ -18,10 +18,10 @@ from stigmer.paths import Paths
 
 PROXY_VARS = ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY")
 # pytest-xdist workers for `-n auto` (pyproject.toml's addopts). The end-to-end tests spend most of their
-# time waiting for subprocesses to start (Temporal, the API, the worker, the engine): on CI's 2 cores, 3
-# workers take the whole suite from ~19 to ~7 minutes. Not more: every managed Temporal takes two of the
-# 11 browser-blocked ports (server/api/temporal_ui.py), so at most 5 test servers fit at once (a test
-# may run two), and a 4th worker adds more CPU contention than it saves.
+# time waiting for subprocesses to start (Temporal, the API, the worker, the engine), so 3 workers pay off
+# even on CI's 2 cores. Not more: every managed Temporal takes two of the 11 browser-blocked ports
+# (server/api/temporal_ui.py), so at most 5 servers fit on a machine at once (a test may run two), and a
+# 4th worker adds more CPU contention on 2 cores than it saves.
 TEST_WORKERS = 3
 
 
@@ -174,13 +174,15 @@ def _started_by_this_run(basetemp: Path) -> list[psutil.Process]:
     were started with, is under the run's temp folder (every test's HOME is, isolated_home). Not another
     pytest run's on the same machine, nor a process that a test's fixture adopted from elsewhere."""
     root = str(basetemp)
+    me = psutil.Process()
+    ours = {me.pid, *(p.pid for p in me.parents())}  # pytest and what started it (--basetemp is in its argv)
     found = []
     for p in psutil.process_iter(["cmdline", "environ", "status"]):
-        if p.pid == os.getpid() or p.info["status"] == psutil.STATUS_ZOMBIE:
+        if p.pid in ours or p.info["status"] == psutil.STATUS_ZOMBIE:
             continue
         env = p.info["environ"] or {}
         named = [*(p.info["cmdline"] or []), env.get("HOME", ""), env.get("STIGMER_HOME", "")]
-        if any(root in s for s in named):
+        if any(s == root or root + os.sep in s for s in named):  # the folder or a path inside it
             found.append(p)
     return found
 

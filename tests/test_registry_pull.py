@@ -282,6 +282,7 @@ def _resume_fetches_exactly_the_rest(
     assert not partial_path(dest).exists() and not record_path(dest).exists()
 
 
+@pytest.mark.alone  # within 4 s, the part's download and hashing included, next to a 5 s stall
 def test_a_stalled_part_is_retried(
     starter: Callable[..., FakeRegistry], pull: Pull, monkeypatch: pytest.MonkeyPatch
 ) -> None:

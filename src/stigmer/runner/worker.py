@@ -121,6 +121,10 @@ def warm_up() -> None:
 
 
 async def serve(settings: Settings, paths: Paths, stop: asyncio.Event, stamp: Path | None) -> None:
+    # pydantic_ai's own package first, here: imported by two threads at once (the warm-up's model client
+    # and connect()'s plugin), one of them could get the package half initialized (seen: "cannot import
+    # name 'Model' from partially initialized module 'pydantic_ai.models'", the worker dead at start-up).
+    import pydantic_ai.durable_exec.temporal  # noqa: F401
     from temporalio.client import Client
     from temporalio.worker import Worker
 
