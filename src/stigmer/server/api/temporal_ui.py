@@ -43,10 +43,13 @@ _HOP = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"te", b"t
 
 
 def free_blocked_port(taken: set[int] | None = None) -> int:
-    """The first browser-blocked port that is free on 127.0.0.1."""
+    """A browser-blocked port that is free on 127.0.0.1, tried in a random order: servers starting at the
+    same moment (other homes, other users) would otherwise all pick the first free one, and all but one
+    lose it when Temporal binds it a second later."""
+    import random
     import socket
 
-    for port in BROWSER_BLOCKED_PORTS:
+    for port in random.sample(BROWSER_BLOCKED_PORTS, len(BROWSER_BLOCKED_PORTS)):
         if taken and port in taken:
             continue
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
