@@ -27,9 +27,12 @@ from tests.executions import in_state, tool_call, wait_until
 
 playwright_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-pytestmark = pytest.mark.skipif(
-    not Path(CHROMIUM).exists(), reason="Chromium is not installed (apt-get install -y chromium)"
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not Path(CHROMIUM).exists(), reason="Chromium is not installed (apt-get install -y chromium)"
+    ),
+    pytest.mark.xdist_group("console"),  # one browser and the module's server, its tests in order on one worker
+]
 PAGES = {
     "overview": "/",
     "chat": "/ui/chat",

@@ -27,9 +27,12 @@ from tests.doubles.fake_registry import FakeRegistry
 
 playwright_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-pytestmark = pytest.mark.skipif(
-    not Path(CHROMIUM).exists(), reason="Chromium is not installed (apt-get install -y chromium)"
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not Path(CHROMIUM).exists(), reason="Chromium is not installed (apt-get install -y chromium)"
+    ),
+    pytest.mark.xdist_group("console"),  # one browser and the module's server, its tests in order on one worker
+]
 STARTER = "smollm2:135m"
 PULLED = "tiny-llama:q8"
 # The model to pull: a small llama (zero weights) with a large vocabulary, 9.4 MB: a download reports its
