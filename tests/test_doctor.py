@@ -39,6 +39,7 @@ KEYS = {
     "services",
     "addresses",
     "models",
+    "isolation",
     "problems",
     "notes",
 }
@@ -66,6 +67,11 @@ def test_doctor_on_this_machine(isolated_home: Paths) -> None:
     assert any("not running" in n for n in data["notes"])  # type: ignore[union-attr]
     assert data["addresses"]["llm"] == "127.0.0.1:11434"  # type: ignore[index]
     assert "RAM:" in text and "CPU:" in text and "Stigmer server:" in text
+    iso = data["isolation"]
+    assert isinstance(iso, dict) and iso["platform"] == "linux" and iso["require_sandbox"] is False
+    assert iso["level"] in ("full", "partial", "none") and "Isolation:" in text and iso["summary"] in text
+    if iso["level"] == "none":  # a warning, not a problem, while tools.require_sandbox is false
+        assert not any("Tools will not run" in p["message"] for p in data["problems"])  # type: ignore[union-attr]
     if not hw["gpus"] and shutil.which("nvidia-smi") is None:
         assert "GPU:       none found" in text
     for problem in data["problems"]:  # type: ignore[union-attr]

@@ -49,6 +49,7 @@ class Report:
     services: dict[str, str]
     addresses: dict[str, str]
     models: dict[str, Any]
+    isolation: dict[str, Any] = field(default_factory=dict)  # probe.Isolation.to_dict() (+ require_sandbox)
     problems: list[Problem] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -68,6 +69,7 @@ class Report:
             "services": self.services,
             "addresses": self.addresses,
             "models": self.models,
+            "isolation": self.isolation,
             "problems": [p.to_dict() for p in self.problems],
             "notes": list(self.notes),
         }
@@ -114,6 +116,7 @@ def diagnose(paths: Paths) -> Report:
     _gpu_use(provider.name, st, hardware, paths, llm, problems, notes)
     _model_fit(provider.name, st, settings, paths, hardware, problems, notes)
     models = {"dir": str(folder), "free": hardware.disk_free}
+    isolation = isolation_check(settings.tools.require_sandbox, problems, notes)
     if hardware.disk_free < MIN_FREE_DISK and provider.name in ("ollama", "llamacpp"):
         problems.append(
             Problem(
@@ -143,9 +146,36 @@ def diagnose(paths: Paths) -> Report:
         services=services,
         addresses=_addresses(settings, provider.name, st.base_url),
         models=models,
+        isolation=isolation,
         problems=problems,
         notes=notes,
     )
+
+
+def isolation_check(
+    require: bool, problems: list[Problem], notes: list[str], iso: Any = None
+) -> dict[str, Any]:
+    """The OS isolation tools get here (sandbox.probe). Weaker than full: a note with the fix; no
+    Landlock (tools' files not confined) is a problem only with tools.require_sandbox, as tools do not
+    run then. `iso` stands in for this machine's probe in tests."""
+    from stigmer.sandbox import probe
+
+    if iso is None:
+        iso = probe.probe()
+    fix = "; ".join(iso.fixes)
+    if not iso.files_confined and require:
+        problems.append(
+            Problem(
+                f"Tools will not run: the operating system cannot confine them here ({iso.summary()}) "
+                "and tools.require_sandbox is true.",
+                fix or "stigmer config set tools.require_sandbox false",
+            )
+        )
+    elif iso.level != probe.FULL:
+        notes.append(
+            f"Tools' OS sandbox is {iso.level} here ({iso.summary()})" + (f"; fix: {fix}" if fix else "")
+        )
+    return {**iso.to_dict(), "require_sandbox": require}
 
 
 def _hw_fix(text: str) -> str:

@@ -72,6 +72,9 @@ def render(out: Out, r: Report) -> None:
     out.line("Models:")
     out.line(f"  Folder:    {r.models['dir']} ({human_bytes(r.models['free'])} free)")
     out.line(f"  Config:    {r.config['file']}" + ("" if r.config["exists"] else " (not written yet)"))
+    if r.isolation:
+        out.line()
+        _isolation(out, r.isolation)
     if r.notes:
         out.line()
         out.line("Notes:")
@@ -130,3 +133,30 @@ def _llm(out: Out, r: Report) -> None:
         out.line(f"  Runs on:   {where}")
     if llm.get("context"):
         out.line(f"  Context:   {llm['context']} tokens")
+
+
+LEVELS = {
+    "full": "full (files and network confined by the OS)",
+    "partial": "partial",
+    "none": "none (tools are not confined by the OS)",
+}
+
+
+def _isolation(out: Out, iso: dict[str, Any]) -> None:
+    """The sandbox tools run in here (stigmer.sandbox.probe); the fixes repeat in Notes or Problems."""
+    level = iso["level"]
+    mark = out.ok() if level == "full" else out._mark("warn", "yellow", err=False)
+    out.line("Isolation:")
+    out.line(f"  Level:     {mark} {LEVELS.get(level, level)}")
+    out.line(f"  Sandbox:   {iso['summary']}")
+    if iso["platform"] == "linux":
+        landlock = f"ABI {iso['landlock']}" if iso["landlock"] else "not available"
+        modules = f" (security modules: {','.join(iso['lsm'])})" if iso["lsm"] else ""
+        out.line(f"  Landlock:  {landlock}{modules}")
+        out.line(f"  Seccomp:   {'yes' if iso['seccomp'] else 'no'}")
+        out.line(f"  User ns:   {iso['userns']} (not used by Stigmer)")
+    out.line(f"  Required:  tools.require_sandbox {'true' if iso.get('require_sandbox') else 'false'}")
+    for note in iso["notes"]:
+        out.line(f"  note:      {note}")
+    for fix in iso["fixes"]:
+        out.line(f"  fix:       {fix}")

@@ -107,8 +107,19 @@ def start(args: argparse.Namespace) -> int:
         out.success(f"Ready! Stigmer server was already running ({seconds:.1f}s)")
     out.line()
     out.server_block(status)
+    _sandbox_warning(out)
     _offer_update(out, status)
     return 0
+
+
+def _sandbox_warning(out: Out) -> None:
+    """One line when this system cannot fully confine tools (the decision: sandbox.probe)."""
+    from stigmer.config import store
+    from stigmer.sandbox.probe import start_warning
+
+    found = start_warning(store.load(Paths.from_env()).tools.require_sandbox)
+    if found:
+        out.warn(found)
 
 
 def _offer_update(out: Out, status: dict[str, Any]) -> None:
@@ -137,7 +148,12 @@ def run(_args: argparse.Namespace) -> int:
     from stigmer.server.daemon import main as daemon_main
 
     paths = Paths.from_env()
-    _local_settings(paths, Out())
+    settings, _created = _local_settings(paths, Out())
+    from stigmer.sandbox.probe import start_warning
+
+    found = start_warning(settings.tools.require_sandbox)
+    if found:
+        Out().warn(found)
     return daemon_main(["--debug"] if _args.debug else [])
 
 

@@ -229,6 +229,17 @@ class ServerSettings:
 
 
 @dataclass(frozen=True)
+class ToolsSettings:
+    require_sandbox: bool = setting(
+        False,
+        Boolean(),
+        "Refuse to run tools (shell commands, MCP servers) where the operating system cannot confine them "
+        "(no Landlock: Linux before 5.13, or landlock not in the lsm= boot list; Windows); false runs them "
+        "with a warning (stigmer doctor shows the isolation this machine gives).",
+    )
+
+
+@dataclass(frozen=True)
 class CloudSettings:
     endpoint: str = setting("", Url(path=True, empty=True), "Stigmer Cloud endpoint.")
     token: str = setting("", Text("a token"), "Stigmer Cloud token (never printed).", secret=True)
@@ -240,6 +251,7 @@ SECTIONS: dict[str, tuple[type, tuple[str, ...]]] = {
     "llm": (LlmSettings, ("backend", "local", "llm")),
     "temporal": (TemporalSettings, ("backend", "local", "temporal")),
     "server": (ServerSettings, ("backend", "local", "server")),
+    "tools": (ToolsSettings, ("backend", "local", "tools")),
     "cloud": (CloudSettings, ("backend", "cloud")),
 }
 

@@ -29,6 +29,7 @@ from stigmer.config.schema import (
     LlmSettings,
     ServerSettings,
     TemporalSettings,
+    ToolsSettings,
     check,
 )
 from stigmer.errors import ErrorCode, StigmerError
@@ -51,6 +52,7 @@ class Settings:
     llm: LlmSettings
     temporal: TemporalSettings
     server: ServerSettings
+    tools: ToolsSettings
     cloud: CloudSettings
     sources: Mapping[str, Source]
     file: Path
