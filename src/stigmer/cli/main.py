@@ -100,12 +100,18 @@ def _parser() -> argparse.ArgumentParser:
         help="only this component's log",
     )
     logs.set_defaults(handler="server_cmd:logs")
-    ssub.add_parser(
-        "enable", help="start the server at login (systemd user unit / launchd agent)"
-    ).set_defaults(handler="server_cmd:enable")
-    ssub.add_parser("disable", help="no longer start the server at login").set_defaults(
-        handler="server_cmd:disable"
+    enable = ssub.add_parser("enable", help="start the server at login (systemd user unit / launchd agent)")
+    enable.add_argument(
+        "--system",
+        action="store_true",
+        help="Linux, as root: a system service run by a dedicated `stigmer` user (for multi-user hosts)",
     )
+    enable.set_defaults(handler="server_cmd:enable")
+    disable = ssub.add_parser("disable", help="no longer start the server at login")
+    disable.add_argument(
+        "--system", action="store_true", help="remove the system service (the stigmer user and its data stay)"
+    )
+    disable.set_defaults(handler="server_cmd:disable")
     tui = ssub.add_parser(
         "temporal-ui", help="open Temporal's Web UI, signed in (prints a one-time link, valid 2 minutes)"
     )

@@ -223,9 +223,11 @@ def logs(args: argparse.Namespace) -> int:
     return 0
 
 
-def enable(_args: argparse.Namespace) -> int:
+def enable(args: argparse.Namespace) -> int:
     from stigmer.server import autostart
 
+    if getattr(args, "system", False):
+        return _enable_system()
     paths = Paths.from_env()
     auto, registered = autostart.enable(paths)
     out = Out()
@@ -239,15 +241,49 @@ def enable(_args: argparse.Namespace) -> int:
     return 0
 
 
-def disable(_args: argparse.Namespace) -> int:
+def disable(args: argparse.Namespace) -> int:
     from stigmer.server import autostart
 
+    if getattr(args, "system", False):
+        return _disable_system()
     removed = autostart.disable(Paths.from_env())
     out = Out()
     if removed is None:
         out.info("The Stigmer server was not set to start at login.", err=False)
     else:
         out.success(f"Removed {removed.path}; the server no longer starts at login.")
+    return 0
+
+
+def _enable_system() -> int:
+    from stigmer.server import system_service as svc
+
+    done = svc.enable()
+    out = Out()
+    if done.user_created:
+        out.success(f"Created the system user {svc.USER} (home {svc.HOME})")
+    else:
+        out.info(f"The system user {svc.USER} exists: kept as it is.", err=False)
+    out.success(f"Wrote {done.unit}; the Stigmer server runs as {svc.USER} and starts at boot.")
+    out.line(
+        f"  Its files: {svc.HOME}. Ask it with: sudo -u {svc.USER} STIGMER_HOME={svc.HOME} stigmer server status"
+    )
+    return 0
+
+
+def _disable_system() -> int:
+    from stigmer.server import system_service as svc
+
+    removed = svc.disable()
+    out = Out()
+    if removed is None:
+        out.info("There is no Stigmer system service.", err=False)
+        return 0
+    out.success(f"Stopped and removed {removed.unit}.")
+    out.line(
+        f"  The user {svc.USER} and its data in {svc.HOME} (models, history) are kept; to remove them too: "
+        f"userdel {svc.USER} && rm -rf {svc.HOME}"
+    )
     return 0
 
 
