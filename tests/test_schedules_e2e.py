@@ -125,3 +125,73 @@ def test_overlap_cancel_cancels_the_run_still_going(server: Shared) -> None:
     finally:
         server.fake.delay = 0.0
         run_cli("schedule", "rm", "slow")
+
+
+def _slow_schedule(name: str, overlap: str) -> None:
+    """A schedule that fires only when told (`schedule run`, which Temporal treats as a fire, overlap
+    policy included), whose runs last ~8 s."""
+    r = run_cli("schedule", "add", name, "--agent", "default", "--cron", "0 9 1 1 *", "--overlap", overlap,
+                "-m", "one two three four five six seven eight")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+
+
+def _temporal_schedule(server: Shared, name: str) -> Any:
+    """Temporal's own description of the schedule (its running fires, the fires it skipped)."""
+    import asyncio
+
+    from stigmer.config import store
+    from stigmer.server.temporal_client import connect
+
+    async def describe() -> Any:
+        client = await connect(store.load(server.paths), server.paths, store="api")
+        return (await client.get_schedule_handle(f"stigmer-schedule-{name}").describe()).info
+
+    return asyncio.run(describe())
+
+
+def test_overlap_skip_starts_nothing_while_a_run_goes_on(server: Shared) -> None:
+    """--overlap skip: a fire that comes while the last run still runs starts nothing, then or later."""
+    server.fake.delay = 0.7  # each streamed piece: a run lasts ~8 s
+    try:
+        _slow_schedule("skipper", "skip")
+        assert run_cli("schedule", "run", "skipper").returncode == 0
+        first = wait_until(
+            lambda: [e for e in _fired("skipper") if e["state"] == "IN_PROGRESS"], 60, every=0.5
+        )[0]
+        for _ in range(2):
+            assert run_cli("schedule", "run", "skipper").returncode == 0
+        assert [e["id"] for e in _fired("skipper")] == [first["id"]]
+        # the first run ends, and its fire with it: the fires that came meanwhile were dropped
+        wait_until(lambda: not _temporal_schedule(server, "skipper").running_actions, 90, every=1)
+        info = _temporal_schedule(server, "skipper")
+        assert info.num_actions_skipped_overlap == 2 and info.num_actions == 1, info
+        assert [(e["id"], e["state"]) for e in _fired("skipper")] == [(first["id"], "COMPLETED")]
+    finally:
+        server.fake.delay = 0.0
+        run_cli("schedule", "rm", "skipper")
+
+
+def test_overlap_buffer_starts_the_next_run_when_the_last_ends(server: Shared) -> None:
+    """--overlap buffer: a fire that comes while a run goes on waits, and starts its run once the last
+    one ended (one is kept: a third fire meanwhile is dropped)."""
+    server.fake.delay = 0.7
+    try:
+        _slow_schedule("buffered", "buffer")
+        assert run_cli("schedule", "run", "buffered").returncode == 0
+        first = wait_until(
+            lambda: [e for e in _fired("buffered") if e["state"] == "IN_PROGRESS"], 60, every=0.5
+        )[0]
+        for _ in range(2):
+            assert run_cli("schedule", "run", "buffered").returncode == 0
+        assert [e["id"] for e in _fired("buffered")] == [first["id"]]  # the buffered fire waits
+        runs = wait_until(lambda: len(x := _fired("buffered")) >= 2 and x, 90, every=0.5)
+        ended = next(e for e in runs if e["id"] == first["id"])
+        (second,) = [e for e in runs if e["id"] != first["id"]]
+        assert ended["state"] == "COMPLETED" and second["created"] >= ended["finished"], (ended, second)
+        wait_until(lambda: not _temporal_schedule(server, "buffered").running_actions, 90, every=1)
+        info = _temporal_schedule(server, "buffered")
+        assert info.num_actions == 2 and info.num_actions_skipped_overlap == 1, info  # BUFFER_ONE
+        assert {e["state"] for e in _fired("buffered")} == {"COMPLETED"} and len(_fired("buffered")) == 2
+    finally:
+        server.fake.delay = 0.0
+        run_cli("schedule", "rm", "buffered")
