@@ -230,4 +230,7 @@ def main(*, stamp: bool = True) -> int:
 
 
 if __name__ == "__main__":
+    from stigmer.services.secret_pipe import start_child
+
+    start_child()  # the secrets the daemon sent, before anything reads the settings
     main()

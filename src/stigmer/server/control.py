@@ -111,6 +111,7 @@ def spawn_daemon(paths: Paths) -> tuple[subprocess.Popen[bytes], ProcessRecord]:
         service="daemon",
         info={},
         stdin_pipe=True,
+        secrets_by_pipe=True,  # the daemon keeps them in memory and passes them on the same way
     )
 
 

@@ -355,4 +355,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from stigmer.services.secret_pipe import start_child
+
+    start_child()  # the secrets `stigmer server` sent: kept in memory for every (re)start of a service
     sys.exit(main())

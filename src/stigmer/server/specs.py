@@ -145,6 +145,7 @@ def runner_spec(settings: Settings, paths: Paths) -> ServiceSpec:
         ready_timeout=60,
         stop_timeout=15,
         info={"task_queue": TASK_QUEUE, "temporal": settings.temporal.address},
+        secrets_by_pipe=True,  # the LLM key: not in /proc/<pid>/environ (services/secret_pipe.py)
     )
 
 
@@ -165,6 +166,7 @@ def api_spec(settings: Settings, paths: Paths) -> ServiceSpec:
         more_addresses=(("127.0.0.1", ui),) if (ui := _ui_port(settings)) else (),
         ready_timeout=30,
         info={"port": port},
+        secrets_by_pipe=True,
     )
 
 
@@ -174,7 +176,8 @@ def _ui_port(settings: Settings) -> int:
 
 def _stigmer_env(paths: Paths) -> dict[str, str]:
     """Our own processes read the same configuration: the home, and every STIGMER_* setting given to
-    the daemon (secrets included: these processes need the LLM key)."""
+    the daemon (secrets included: these processes need the LLM key; the spawner passes those through
+    a pipe, not the environment: runner_spec, api_spec)."""
     env = {k: v for k, v in os.environ.items() if k.startswith("STIGMER_") or k in _PROVIDER_KEYS}
     env["STIGMER_HOME"] = str(paths.home)
     return env

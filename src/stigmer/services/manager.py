@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,15 +69,24 @@ class Services:
         self.paths.ensure(self.paths.run_dir, self.paths.logs_dir)
         log_path = self.paths.log_file(spec.name)
         pid_path = self.paths.pid_file(spec.name)
+        argv, info = list(spec.argv), dict(spec.info)
+        if spec.sandbox is not None and sys.platform.startswith("linux"):
+            from stigmer.sandbox import launch
+
+            # The launcher applies the policy then execs the program (same pid): the record keeps the
+            # launcher's command line, and records.same_command knows the program's from it.
+            argv = launch.argv_for(spec.sandbox.to_json(), argv)
+            info["sandbox"] = spec.sandbox.summary()
         proc, rec = spawn.start_detached(
-            list(spec.argv),
+            argv,
             env=spec.env,
             log_path=log_path,
             pid_path=pid_path,
             service=spec.name,
-            info=dict(spec.info),
+            info=info,
             cwd=spec.cwd,
             pass_fds=spec.pass_fds,
+            secrets_by_pipe=spec.secrets_by_pipe,
         )
         try:
             ready.wait_ready(

@@ -31,6 +31,13 @@ class ProcessRecord:
     service: str  # what it is, e.g. "llm"
     info: dict[str, Any] = field(default_factory=dict)  # provider, base_url, model, ...
 
+    @property
+    def command(self) -> list[str]:
+        """The program's own command line: argv without the sandbox launcher in front of it."""
+        from stigmer.sandbox.launch import inner
+
+        return inner(self.argv)
+
     def to_bytes(self) -> bytes:
         return f"{self.pid}\n{json.dumps(asdict(self), sort_keys=True)}\n".encode()
 
@@ -117,7 +124,18 @@ def is_ours(record: ProcessRecord) -> bool:
 
 def same_command(cmdline: list[str], argv: list[str]) -> bool:
     """The process's command line is the one we started: the same argv, or, for a script started
-    through its #! line, the interpreter followed by that same argv."""
+    through its #! line, the interpreter followed by that same argv. A program started through the
+    sandbox launcher shows the launcher's command line until the launcher execs it (same pid), then
+    the program's own: either is ours."""
+    from stigmer.sandbox.launch import inner
+
+    program = inner(argv)
+    if program is not argv and program and _same(cmdline, program):
+        return True
+    return _same(cmdline, argv)
+
+
+def _same(cmdline: list[str], argv: list[str]) -> bool:
     if cmdline == argv:
         return True
     n = len(argv)

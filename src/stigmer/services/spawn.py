@@ -128,12 +128,24 @@ def start_detached(
     cwd: Path | None = None,
     pass_fds: tuple[int, ...] = (),
     stdin_pipe: bool = False,
+    secrets_by_pipe: bool = False,
 ) -> tuple[subprocess.Popen[bytes], ProcessRecord]:
     """Spawn argv detached, output appended to log_path; its record is written to pid_path (if given).
-    `stdin_pipe`: its stdin is a pipe from us (to say one thing at start), not /dev/null."""
+    `stdin_pipe`: its stdin is a pipe from us (to say one thing at start), not /dev/null.
+    `secrets_by_pipe`: the secrets in `env` go through a pipe, not the child's environment, which any
+    process of the user can read (services.secret_pipe; POSIX, for our own Python processes)."""
+    from stigmer.services import secret_pipe
+
     log_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     rotate_log(log_path)
     log.debug("starting %s: %s", service, argv)
+    child_env, fds, secrets_fd = dict(env), tuple(pass_fds) if os.name != "nt" else (), None
+    if secrets_by_pipe and secret_pipe.supported():
+        child_env, hidden = secret_pipe.split(env)
+        if hidden:
+            secrets_fd = secret_pipe.send(hidden)
+            child_env[secret_pipe.ENV] = str(secrets_fd)
+            fds = (*fds, secrets_fd)
     fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, PRIVATE_FILE)
     with os.fdopen(fd, "ab") as out:
         try:
@@ -142,10 +154,10 @@ def start_detached(
                 stdin=subprocess.PIPE if stdin_pipe else subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                env=dict(env),
+                env=child_env,
                 cwd=cwd,
                 close_fds=True,
-                pass_fds=pass_fds if os.name != "nt" else (),
+                pass_fds=fds,
                 umask=PRIVATE_UMASK,  # POSIX (Windows ignores it)
                 **detach_options(),
             )
@@ -155,6 +167,9 @@ def start_detached(
                 hint="Check that the file exists and is executable.",
                 code=ErrorCode.START_FAILED,
             ) from e
+        finally:
+            if secrets_fd is not None:
+                os.close(secrets_fd)  # the child has its copy; the data waits in the pipe for it
     ctime = records.create_time(proc.pid) or time.time()
     with contextlib.suppress(OSError):
         log_path.chmod(PRIVATE_FILE)  # a log written by an earlier version may still be 0644

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from stigmer.sandbox.policy import Policy
+
 
 @dataclass(frozen=True)
 class RestartPolicy:
@@ -36,6 +38,11 @@ class ServiceSpec:
     info: Mapping[str, Any] = field(default_factory=dict)  # kept in the pid record (provider, model, ...)
     restart: RestartPolicy = field(default_factory=RestartPolicy)
     pass_fds: tuple[int, ...] = ()  # open files the child inherits (a lock it must hold while it runs)
+    # Started through the sandbox launcher with this policy (Linux; elsewhere the argv as is).
+    sandbox: Policy | None = None
+    # Secrets in `env` reach the child through a pipe, not its environment (services.secrets): only
+    # for our own Python processes, which read it at their start.
+    secrets_by_pipe: bool = False
 
     @property
     def label(self) -> str:

@@ -67,4 +67,7 @@ def _listen(port: int) -> socket.socket:
 
 
 if __name__ == "__main__":
+    from stigmer.services.secret_pipe import start_child
+
+    start_child()  # the secrets the daemon sent, before anything reads the settings
     sys.exit(main())
