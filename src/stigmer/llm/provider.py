@@ -28,6 +28,7 @@ from stigmer.paths import Paths
 
 if TYPE_CHECKING:
     from stigmer.llm.endpoint import ChatEndpoint
+    from stigmer.sandbox.policy import Policy
     from stigmer.services.record import ProcessRecord
     from stigmer.services.spec import ServiceSpec
 
@@ -130,9 +131,17 @@ class LocalRuntime(ABC):
         return True
 
     def llm_spec(
-        self, argv: list[str], env: dict[str, str], *, what: str, model: str, ready_timeout: float = 30.0
+        self,
+        argv: list[str],
+        env: dict[str, str],
+        *,
+        what: str,
+        model: str,
+        ready_timeout: float = 30.0,
+        sandbox: Policy | None = None,
     ) -> ServiceSpec:
-        """The service spec every local LLM server shares: its record says what it serves and where."""
+        """The service spec every local LLM server shares: its record says what it serves and where.
+        `sandbox`: the policy it starts under (Linux)."""
         from stigmer.services.spec import ServiceSpec
 
         return ServiceSpec(
@@ -144,6 +153,7 @@ class LocalRuntime(ABC):
             address=host_port(self.base_url),
             ready_timeout=ready_timeout,
             info={"provider": self.name, "base_url": self.base_url, "model": model, **self.extra},
+            sandbox=sandbox,
         )
 
     def start(self, report: Reporter, model: str | None = None) -> ProcessRecord:

@@ -72,7 +72,7 @@ def context_window(provider: str, model: str, paths: Any) -> int:
         from stigmer.services.manager import Services
 
         rec = Services(paths).record("llm")
-        argv = list(rec.argv) if rec is not None else []
+        argv = rec.command if rec is not None else []  # without the sandbox launcher's part
         if "--ctx-size" in argv[:-1] and argv[argv.index("--ctx-size") + 1].isdigit():
             return int(argv[argv.index("--ctx-size") + 1])
         return 0

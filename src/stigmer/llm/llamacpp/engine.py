@@ -66,9 +66,14 @@ def engine_argv(
     ctx_size: int,
     threads: int,
     origins: Sequence[str] = (),
+    internal_port: int = 0,
 ) -> list[str]:
-    """The command line that runs the engine; pure, so it is unit-tested without running anything."""
+    """The command line that runs the engine; pure, so it is unit-tested without running anything.
+    `internal_port`: llama.cpp's own port, chosen by the caller so that a sandbox policy can name it
+    (0: llama.cpp picks a free one)."""
     extra = [a for origin in origins for a in ("--allow-origin", origin)]
+    if internal_port:
+        extra += ["--internal-port", str(internal_port)]
     return [
         python,
         "-m",
@@ -190,6 +195,13 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--alias", required=True, help="model name announced by the API, e.g. smollm2:135m")
     parser.add_argument("--host", default="127.0.0.1", help="loopback address to bind (default 127.0.0.1)")
     parser.add_argument("--port", required=True, type=int, help="TCP port to bind (0 picks a free one)")
+    parser.add_argument(
+        "--internal-port",
+        type=int,
+        default=0,
+        help="loopback port of llama.cpp behind the guard (default 0: a free one); a sandbox that "
+        "restricts ports names it",
+    )
     parser.add_argument("--ctx-size", type=int, default=None, help=f"context window in tokens (1-{MAX_CTX})")
     parser.add_argument(
         "--threads", type=int, default=None, help=f"CPU threads for decoding (1-{MAX_THREADS})"
@@ -207,6 +219,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--host {args.host} is not a loopback address; the engine only binds loopback")
     if not 0 <= args.port <= 65535:
         parser.error(f"--port {args.port} is out of range 0-65535")
+    if not 0 <= args.internal_port <= 65535:
+        parser.error(f"--internal-port {args.internal_port} is out of range 0-65535")
     if not args.alias.strip():
         parser.error("--alias must not be empty")
     if args.ctx_size is None:
@@ -254,17 +268,28 @@ def listen(host: str, port: int) -> socket.socket | None:
     return sock
 
 
-def start_internal(*, model_path: Path, alias: str, ctx_size: int, threads: int, key: str) -> tuple[Any, str]:
-    """llama.cpp's server on a free internal loopback port that only `key` opens (/health aside):
-    (the xllamacpp.Server, which must stay referenced, and its base URL). Returns once the model is
-    loaded; raises whatever xllamacpp raises when it cannot load."""
+def _taken(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
+def start_internal(
+    *, model_path: Path, alias: str, ctx_size: int, threads: int, key: str, port: int = 0
+) -> tuple[Any, str]:
+    """llama.cpp's server on an internal loopback port (`port`, or a free one when 0) that only `key`
+    opens (/health aside): (the xllamacpp.Server, which must stay referenced, and its base URL).
+    Returns once the model is loaded; raises whatever xllamacpp raises when it cannot load."""
     import xllamacpp  # heavy native module; only the engine process needs it
 
     params = xllamacpp.CommonParams()
     params.model.path = str(model_path)
     params.model_alias = {alias}  # a set: names in /v1/models and every response's "model"
     params.hostnames = ["127.0.0.1"]
-    params.port = 0  # llama.cpp picks a free port; read back from listening_address
+    params.port = port  # 0: llama.cpp picks a free port; read back from listening_address
     params.api_keys = [key]  # a list of str; every endpoint but /health (and /models' preflight) needs one
     params.n_ctx = ctx_size
     params.cpuparams.n_threads = threads
@@ -348,9 +373,19 @@ def main(argv: list[str] | None = None) -> int:
         )
         started = time.monotonic()
         server, backend = start_internal(  # `server` must stay referenced while we serve
-            model_path=model_path, alias=args.alias, ctx_size=args.ctx_size, threads=args.threads, key=key
+            model_path=model_path,
+            alias=args.alias,
+            ctx_size=args.ctx_size,
+            threads=args.threads,
+            key=key,
+            port=args.internal_port,
         )
     except Exception as e:
+        if args.internal_port and _taken(args.internal_port):
+            # Named as the supervisor's port-race retry looks for it: another program took the port
+            # between the provider's pick and llama.cpp's bind.
+            _say(f"error: internal port {args.internal_port}: address already in use", err=True)
+            return 1
         # Whatever it is, one line for the log rather than a traceback: xllamacpp says only "Failed to
         # init server", llama.cpp's own log above has the detail.
         _say(

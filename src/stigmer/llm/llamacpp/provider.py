@@ -109,7 +109,9 @@ class LlamaCppProvider(Provider, LocalRuntime, ModelCatalog):
 
         return auto_context_for_file(Path(model.path))
 
-    def engine_argv(self, model: StoredModel, *, ctx_size: int | None = None) -> list[str]:
+    def engine_argv(
+        self, model: StoredModel, *, ctx_size: int | None = None, internal_port: int = 0
+    ) -> list[str]:
         from stigmer.llm.llamacpp.engine import default_threads, engine_argv
 
         host, port = host_port(self.base_url)
@@ -124,6 +126,7 @@ class LlamaCppProvider(Provider, LocalRuntime, ModelCatalog):
             ctx_size=ctx_size,
             threads=self.settings.llm.threads or default_threads(),
             origins=self.settings.llm.origins,
+            internal_port=internal_port,
         )
 
     def engine_env(self, environ: dict[str, str] | None = None) -> dict[str, str]:
@@ -138,12 +141,28 @@ class LlamaCppProvider(Provider, LocalRuntime, ModelCatalog):
         log.info("%s: context window of %d tokens%s", stored.name, ctx_size, f" ({note})" if note else "")
         if note:  # a context smaller than the model's: worth a line on the way
             report(Event(STARTING, f"Context window of {stored.name}: {note}"))
+        sandbox, internal_port = None, 0
+        if sys.platform.startswith("linux"):
+            # llama.cpp's internal port is chosen here, not by llama.cpp, so that the policy can name it
+            # (bind and connect); a new one at every start.
+            from stigmer.net.addresses import free_port
+            from stigmer.sandbox.engines import builtin_engine
+
+            internal_port = free_port()
+            sandbox = builtin_engine(
+                self.paths,
+                self.settings,
+                model_path=Path(stored.path),
+                port=host_port(self.base_url)[1],
+                internal_port=internal_port,
+            )
         return self.llm_spec(
-            self.engine_argv(stored, ctx_size=ctx_size),
+            self.engine_argv(stored, ctx_size=ctx_size, internal_port=internal_port),
             self.engine_env(),
             what="Local LLM server (built-in engine)",
             model=stored.name,
             ready_timeout=60,
+            sandbox=sandbox,
         )
 
     def is_downloaded(self, model: str) -> bool:
@@ -245,7 +264,7 @@ class LlamaCppProvider(Provider, LocalRuntime, ModelCatalog):
             base_url=self.base_url,
             notes=notes,
             runs_on="cpu" if served else "",
-            context=_ctx_size(rec.argv) if rec and served else 0,
+            context=_ctx_size(rec.command) if rec and served else 0,
         )
 
 

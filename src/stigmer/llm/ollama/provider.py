@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import sys
 import urllib.error
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -220,8 +221,15 @@ class OllamaProvider(Provider, LocalRuntime, ModelCatalog):
             binary = self.runtime_binary()
         assert binary is not None
         report(Event(STARTING, "Starting local LLM server"))
+        env, sandbox = self.server_env(), None
+        if sys.platform.startswith("linux"):
+            from stigmer.sandbox.engines import ollama
+
+            tmp = self.paths.data_dir / "ollama-tmp"  # its temporary files, where its policy lets it write
+            sandbox = ollama(self.paths, self.settings, binary=binary, tmp=tmp, environ=env)
+            env["TMPDIR"] = str(tmp)
         return self.llm_spec(
-            self.server_argv(binary), self.server_env(), what="Local LLM server", model=model or self.model
+            self.server_argv(binary), env, what="Local LLM server", model=model or self.model, sandbox=sandbox
         )
 
     def healthy(self) -> bool:
