@@ -160,3 +160,46 @@ def test_migration_7_adds_schedules_hooks_and_the_trigger(server: Shared, tmp_pa
         assert {"schedules", "schedule_fires", "hooks", "hook_deliveries"} <= tables
     finally:
         db.close()
+
+
+def test_a_delivery_recorded_before_an_api_crash_runs_once_after_it(server: Shared) -> None:
+    """The 202 comes once the delivery and its execution are recorded, before Temporal starts the
+    workflow. An API killed in between: the restarted API starts the recorded one; a repeat of the
+    delivery answers with the same execution."""
+    import signal
+    import time
+
+    from stigmer.config import store
+    from stigmer.server.db import Database
+    from stigmer.server.executions import Executions
+
+    made = _add("crashy")
+    url, secret = made["hook"]["url"], made["secret"]
+    # what deliver() writes, in its one transaction, without the start that comes after the answer
+    db = Database(server.paths.data_dir / "stigmer.db")
+    try:
+        ex = Executions(db, store.load(server.paths), server.paths)
+        with db.tx() as c:
+            exec_id, _ticket = ex.make("default", "recorded, then the API died", trigger="hook crashy")
+            c.execute(
+                "INSERT INTO hook_deliveries (hook, delivery, execution_id, created) VALUES (?, ?, ?, ?)",
+                ("crashy", "d-crash", exec_id, time.time()),
+            )
+    finally:
+        db.close()
+
+    def api_pid() -> int | None:
+        r = run_cli("server", "status", "--json")
+        svc = json.loads(r.stdout)["services"]["server"] if r.returncode == 0 else {}
+        return svc.get("pid") if svc.get("state") == "running" else None
+
+    before = api_pid()
+    assert before
+    os.kill(before, signal.SIGKILL)
+    wait_until(lambda: (pid := api_pid()) and pid != before, 90, every=0.5)
+    rec = wait_until(lambda: in_state(exec_id, "COMPLETED", "FAILED"), 120)
+    assert rec["state"] == "COMPLETED" and rec["output"] == "echo: recorded, then the API died", rec
+    body = b"recorded, then the API died"
+    headers = {"X-Hub-Signature-256": sign(secret, body), "X-GitHub-Delivery": "d-crash"}
+    status, answer = _post(url, body, headers)
+    assert status == 202 and answer["execution_id"] == exec_id and answer["repeat"], answer

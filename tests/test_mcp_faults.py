@@ -43,13 +43,16 @@ linux_only = pytest.mark.skipif(
 T = TypeVar("T")
 
 
-def _config(mode: str = "serve", *, timeout: float = 30, approval: str = "never") -> ToolConfig:
+def _config(
+    mode: str = "serve", *, timeout: float = 30, approval: str = "never", rw: Path | None = None
+) -> ToolConfig:
+    sandbox = {"sandbox": {"paths": {"rw": [str(rw)]}}} if rw else {}  # where it may write (a pid file)
     return ToolConfig(
         kind="mcp",
         approval=approval,
         timeout=timeout,
         retries=0,
-        options={"command": [sys.executable, str(SERVER), mode]},
+        options={"command": [sys.executable, str(SERVER), mode], **sandbox},
         name="faulty",
     )
 
@@ -294,10 +297,12 @@ def test_stderr_is_read_at_a_bounded_rate_and_its_tail_kept() -> None:
 
 # -- nothing outlives the runner -----------------------------------------------------------------------
 def test_stopping_the_servers_stops_what_they_started() -> None:
-    pid_file = Path(os.environ["STIGMER_HOME"]).parent / "escaped.pid"
+    out = Path(os.environ["STIGMER_HOME"]).parent / "out"
+    out.mkdir(exist_ok=True)
+    pid_file = out / "escaped.pid"
 
     async def body() -> tuple[str, str]:
-        toolset = runner_tools.mcp_toolset(_config())
+        toolset = runner_tools.mcp_toolset(_config(rw=out))
         escaped = str(await _call(toolset, "spawn", pid_file=str(pid_file)))
         return str(await _call(toolset, "pid")), escaped
 
@@ -317,6 +322,8 @@ def test_stopping_the_servers_stops_what_they_started() -> None:
 
 @linux_only
 def test_a_killed_worker_takes_its_mcp_servers_with_it(tmp_path: Path) -> None:
+    tmp_path = tmp_path / "out"  # a folder of its own: the server may write only what it is granted
+    tmp_path.mkdir()
     worker = subprocess.Popen(
         [sys.executable, str(WORKER), "mcp", str(tmp_path), str(SERVER)], stdin=subprocess.DEVNULL
     )

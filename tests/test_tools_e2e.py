@@ -140,11 +140,13 @@ def test_deny_is_told_to_the_agent_and_always_sticks(
 
 
 def test_mcp_server_tools(isolated_home: Paths, api: FakeOpenAI, tmp_path: Path) -> None:
-    notes = tmp_path / "notes.txt"
+    (tmp_path / "notes").mkdir()
+    notes = tmp_path / "notes" / "notes.txt"
     _apply(
         tmp_path,
         "name: notetaker\ninstructions: You use the notes server.\nmcp_servers:\n"
-        f"  - name: notes\n    command: [{sys.executable}, {MCP_SERVER}, {notes}]\n",
+        f"  - name: notes\n    command: [{sys.executable}, {MCP_SERVER}, {notes}]\n"
+        f"    sandbox: {{paths: {{rw: [{notes.parent}]}}}}\n",  # its notes file is outside its sandbox otherwise
     )
     api.script += [tool_call("notes_add_note", text="remember the milk"), {"content": "Noted."}]
     r = run_cli("run", "notetaker", "-m", "Remember the milk", timeout=240)

@@ -41,7 +41,8 @@ async def mcp(folder: Path, script: str) -> None:
         approval="never",
         timeout=60,
         retries=0,
-        options={"command": [sys.executable, script, "serve"]},
+        # the server writes its child's pid to DIR: granted, as an agent file would
+        options={"command": [sys.executable, script, "serve"], "sandbox": {"paths": {"rw": [str(folder)]}}},
         name="faulty",
     )
     ctx = RunContext(deps=None, model=TestModel(), usage=RunUsage())

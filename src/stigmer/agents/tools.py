@@ -12,6 +12,7 @@ their options, and MCP servers (stdio or streamable HTTP).
         url: http://127.0.0.1:9000/mcp
 
 Options every tool takes: approval (required | never), timeout (seconds, 1-3600), retries (0-10).
+The shell tool and MCP servers run by command also take `sandbox:` (stigmer/sandbox/rules.py).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ DEFAULT_TIMEOUT = {"workspace": 30, "shell": 60, "http": 30, "mcp": 120}
 COMMON = ("approval", "timeout", "retries")
 SPECIFIC = {
     "workspace": (),
-    "shell": ("max_output", "allow_shell_string"),
+    "shell": ("max_output", "allow_shell_string", "sandbox"),
     "http": ("allow", "max_bytes"),
 }
 SERVER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,31}")
@@ -141,8 +142,13 @@ def check_tools(spec: AgentSpec, at: Callable[[str], str]) -> None:
             isinstance(k, str) and isinstance(v, str) for k, v in env.items()
         ):
             raise invalid(f"{at('mcp_servers')}: MCP server {name!r}: env: must map names to text.")
+        if url is not None and "sandbox" in server:
+            raise invalid(
+                f"{at('mcp_servers')}: MCP server {name!r}: sandbox: is for servers this machine runs "
+                "(command:), not for one at a url:."
+            )
         rest = {k: v for k, v in server.items() if k not in ("name", "command", "url", "env")}
-        _check_options("mcp", rest, at("mcp_servers"), allowed=COMMON)
+        _check_options("mcp", rest, at("mcp_servers"), allowed=(*COMMON, "sandbox"))
 
 
 def _check_options(kind: str, options: dict[str, Any], where: str, *, allowed: tuple[str, ...]) -> None:
@@ -165,3 +171,14 @@ def _check_options(kind: str, options: dict[str, Any], where: str, *, allowed: t
             raise invalid(f"{where}: {kind}: {key} must be a number of bytes from 1 to 104857600.")
         if key == "allow_shell_string" and not isinstance(value, bool):
             raise invalid(f"{where}: {kind}: allow_shell_string must be true or false.")
+        if key == "sandbox":
+            from stigmer.paths import Paths
+            from stigmer.sandbox.rules import SandboxOptionError, grants
+
+            try:
+                grants(value, stigmer_home=Paths.from_env().home)
+            except SandboxOptionError as e:
+                raise invalid(
+                    f"{where}: {kind}: {e}.",
+                    "For example:  sandbox: {network: [pypi.org], paths: {ro: [~/data], rw: [~/out]}}",
+                ) from None

@@ -105,6 +105,7 @@ async def _stream(ctx: RunContext[RunDeps], events: AsyncIterable[AgentStreamEve
                     id=event.part.tool_call_id,
                     name=event.part.tool_name,
                     args=event.part.args_as_dict(),
+                    sandbox=tools.sandbox_of(ctx.deps, event.part.tool_name),  # what the call could do
                 )
             elif isinstance(event, FunctionToolResultEvent):
                 result = event.part  # a ToolReturnPart (or a retry prompt for the model)

@@ -19,6 +19,7 @@ started on first use, reused by later calls, stopped with the worker, and kept f
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import shlex
@@ -195,10 +196,12 @@ class Server:
         self.broken = ""  # why it was stopped, told with the failure of what it was doing
         self.bad_lines = 0
         self._stopping: set[asyncio.Task[None]] = set()
+        self._sandbox = contextlib.ExitStack()
         transport: Any
         if options.get("command"):
             from fastmcp.client.transports import StdioTransport
 
+            from stigmer.sandbox import call
             from stigmer.services.env import PYTHON, child_env
             from stigmer.tools import procs
 
@@ -206,8 +209,19 @@ class Server:
             self.shown = shlex.join(argv)[:200]
             # No secrets unless declared; the worker's mark (what a dead worker left is found by it).
             env = child_env(PYTHON, extra={**dict(options.get("env") or {}), **procs.marker()})
+            # Its sandbox (a temporary folder, perhaps a host proxy) lives as long as this definition.
+            box = self._sandbox.enter_context(
+                call.tool_process(
+                    f"mcp {self.name}",
+                    options.get("sandbox"),
+                    write=(),
+                    timeout=None,
+                    extra_read=program_files(argv, env),
+                )
+            )
+            env.update(box.env)
             if procs.available():
-                argv = procs.guarded_argv(argv, grace=GUARDIAN_GRACE)
+                argv = procs.guarded_argv(argv, grace=GUARDIAN_GRACE, policy=box.policy)
             self.stderr = Stderr(self.name)
             transport = StdioTransport(
                 command=argv[0], args=argv[1:], env=env, keep_alive=True, log_file=self.stderr.writer
@@ -279,6 +293,35 @@ class Server:
         await self.stop()
         if self.stderr is not None:
             self.stderr.close()
+        self._sandbox.close()
+
+
+def program_files(argv: list[str], env: dict[str, str]) -> tuple[str, ...]:
+    """What an MCP server's program needs to read besides the system: the files its command line names
+    (and their folders: a script imports what is beside it), its PYTHONPATH, and the worker's folder
+    (`python -m server` finds the module there). Secret locations are dropped by the policy."""
+    out = [os.getcwd()]
+    for arg in argv[1:]:
+        if os.path.isabs(arg) and os.path.exists(arg):
+            out.append(arg if os.path.isdir(arg) else os.path.dirname(arg))
+    out.extend(p for p in env.get("PYTHONPATH", "").split(os.pathsep) if os.path.isabs(p))
+    return tuple(dict.fromkeys(os.path.realpath(p) for p in out))
+
+
+def sandbox_summary(config: ToolConfig) -> str:
+    """The policy an MCP server's process runs under, as one line."""
+    from stigmer.sandbox import call
+    from stigmer.services.env import PYTHON, child_env
+
+    argv = [str(a) for a in config.options.get("command") or ()]
+    env = child_env(PYTHON, extra=dict(config.options.get("env") or {}))
+    return call.describe(
+        f"mcp {config.name}",
+        config.options.get("sandbox"),
+        write=(),
+        timeout=None,
+        extra_read=program_files(argv, env),
+    )
 
 
 def describe(e: BaseException) -> str:
@@ -375,7 +418,13 @@ def toolset(config: ToolConfig) -> Any:
     """The server's tools for this configuration, offered to the model as `<server>_<tool>`."""
     options = config.options
     env_items = tuple(sorted((options.get("env") or {}).items()))
-    key = (config.name, tuple(options.get("command") or ()), options.get("url"), env_items)
+    key = (
+        config.name,
+        tuple(options.get("command") or ()),
+        options.get("url"),
+        env_items,
+        repr(options.get("sandbox")),
+    )
     server = _servers.get(key)
     if server is None:
         server = _servers[key] = Server(config)

@@ -21,6 +21,7 @@ from pydantic_ai.toolsets import AbstractToolset, CombinedToolset
 from temporalio import activity
 
 from stigmer.agents.tools import ToolConfig
+from stigmer.tools.errors import ToolFailure
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +43,58 @@ def build(ctx: RunContext[Any]) -> AbstractToolset[Any] | None:
         if config.kind == "workspace":
             _add_workspace(builtin, config)
         elif config.kind == "shell":
-            _add_shell(builtin, config)
+            _add_shell(builtin, config, summary=sandbox_summary(ctx.deps, config))
         elif config.kind == "http":
             _add_http(builtin, config)
-    servers = [mcp_toolset(c) for c in tools if c.kind == "mcp"]
+    servers = [
+        mcp_toolset(c).with_metadata(
+            temporal={"summary": f"call tool: mcp {c.name} [{sandbox_summary(ctx.deps, c)}]"[:400]}
+        )
+        for c in tools
+        if c.kind == "mcp"
+    ]
     return CombinedToolset([builtin, *servers]) if servers else builtin
+
+
+def sandbox_summary(deps: Any, config: ToolConfig) -> str:
+    """What a call of this tool could do, as one line: on every tool call's record and in its activity's
+    summary (stigmer/sandbox: the OS enforces it for processes; the worker's own checks otherwise)."""
+    from stigmer.sandbox import call
+
+    if config.kind == "shell":
+        from stigmer.paths import Paths
+        from stigmer.tools.workspace import Workspace
+
+        try:
+            root = Workspace.for_agent(Paths.from_env().data_dir, deps.agent, deps.workspace).root
+        except Exception as e:  # noqa: BLE001 - the call itself will report it
+            return f"shell: no workspace ({e})"
+        return call.describe("shell", config.options.get("sandbox"), write=(root,), timeout=config.timeout)
+    if config.kind == "mcp":
+        if not config.options.get("command"):
+            return (
+                f"mcp {config.name}: a server at {config.options.get('url')} (not a process of this worker)"
+            )
+        from stigmer.runner import mcp_servers
+
+        return mcp_servers.sandbox_summary(config)
+    if config.kind == "http":
+        hosts = ", ".join(map(str, config.options.get("allow", [])))
+        return f"http: GET from the worker, to {hosts} only; private addresses refused unless listed"
+    return "workspace: files below the agent's workspace only (checked by the worker)"
+
+
+def sandbox_of(deps: Any, tool_name: str) -> str:
+    """sandbox_summary of the tool a call names (`run_command`, `<server>_<tool>`...); "" if unknown."""
+    for config in (ToolConfig(**c) for c in deps.tools):
+        if (
+            (config.kind == "shell" and tool_name == "run_command")
+            or (config.kind == "http" and tool_name == "http_get")
+            or (config.kind == "workspace" and tool_name in WORKSPACE_TOOLS)
+            or (config.kind == "mcp" and tool_name.startswith(f"{config.name}_"))
+        ):
+            return sandbox_summary(deps, config)
+    return ""
 
 
 def _workspace(ctx: RunContext[Any]) -> Any:
@@ -59,7 +107,6 @@ def _workspace(ctx: RunContext[Any]) -> Any:
 async def guarded(ctx: RunContext[Any], config: ToolConfig, work: Callable[[], Any]) -> Any:
     """Ask for approval when the agent file says so; run with the tool's timeout and retry count."""
     from stigmer.errors import StigmerError
-    from stigmer.tools.errors import ToolFailure
 
     if config.approval == "required" and not ctx.tool_call_approved:
         raise ApprovalRequired(metadata={"tool": config.kind})
@@ -123,22 +170,32 @@ def _add_workspace(toolset: FunctionToolset[Any], config: ToolConfig) -> None:
         toolset.add_function(func)
 
 
-def _add_shell(toolset: FunctionToolset[Any], config: ToolConfig) -> None:
+def _add_shell(toolset: FunctionToolset[Any], config: ToolConfig, *, summary: str) -> None:
     """`run_command(argv)`: a list of arguments; with `allow_shell_string: true` the same parameter also
     takes a command line, run with `sh -c` (one parameter either way, so that approvals and the record
     read alike, and a model that sends a list still works)."""
     allow_string = bool(config.options.get("allow_shell_string", False))
 
     def run(ctx: RunContext[Any], argv: list[str] | str) -> str:
+        from stigmer.sandbox import call, rules
         from stigmer.tools import shell
 
-        result = shell.run(
-            argv,
-            cwd=_workspace(ctx).root,
-            timeout=config.timeout,
-            max_output=int(config.options.get("max_output", 64_000)),
-            allow_shell_string=allow_string,
-        )
+        root = _workspace(ctx).root
+        try:
+            with call.tool_process(
+                "shell", config.options.get("sandbox"), write=(root,), timeout=config.timeout
+            ) as box:
+                result = shell.run(
+                    argv,
+                    cwd=root,
+                    timeout=config.timeout,
+                    max_output=int(config.options.get("max_output", 64_000)),
+                    allow_shell_string=allow_string,
+                    policy=box.policy,
+                    extra_env=box.env,
+                )
+        except rules.SandboxOptionError as e:
+            raise ToolFailure(f"the agent file's sandbox for this tool is refused: {e}") from None
         status = "timed out" if result.timed_out else f"exit code {result.exit_code}"
         return f"[{status}]\n{result.output}"
 
@@ -151,7 +208,11 @@ def _add_shell(toolset: FunctionToolset[Any], config: ToolConfig) -> None:
         line, e.g. "ls -l | wc -l" (run with sh -c)."""
         return await guarded(ctx, config, lambda: run(ctx, argv))
 
-    toolset.add_function(run_shell_command if allow_string else run_command, name="run_command")
+    toolset.add_function(
+        run_shell_command if allow_string else run_command,
+        name="run_command",
+        metadata={"temporal": {"summary": f"call tool: run_command [{summary}]"[:400]}},
+    )
 
 
 def _add_http(toolset: FunctionToolset[Any], config: ToolConfig) -> None:

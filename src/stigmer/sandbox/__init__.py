@@ -9,3 +9,8 @@ kernel gives.
 policy.py, linux.py and launch.py use the standard library only: the launcher and the tools' guardian
 load them under `python -I -S`, which starts in a few tens of milliseconds.
 """
+
+# A policy's network (standard library only: the launcher imports this package and nothing heavier).
+NONE = "none"  # no IP sockets at all
+PORTS = "ports"  # TCP connect to the policy's `connect` ports only (the tool's host proxy); no UDP
+ANY = "any"  # not restricted

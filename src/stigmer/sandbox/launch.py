@@ -34,11 +34,10 @@ def main(args: list[str]) -> None:
         os._exit(2)
     sys.path.insert(0, str(LAUNCH.parents[2]))  # -I -S: only the standard library is on the path
     from stigmer.sandbox import linux
-    from stigmer.sandbox.policy import Policy
 
     argv = args[2:]
     try:
-        linux.apply(Policy.from_json(args[0]))
+        linux.apply(linux.loads(args[0]))
     except linux.SandboxError as e:
         os.write(2, f"error: cannot sandbox {argv[0]!r}: {e}\n".encode(errors="replace"))
         os._exit(126)

@@ -18,12 +18,42 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import platform
 import resource
 import struct
-from dataclasses import dataclass
+import sys
 
-from stigmer.sandbox.policy import NONE, PORTS, Policy
+from stigmer.sandbox import NONE, PORTS
+
+# The policy arrives as the mapping of Policy.to_json() (policy.py). Nothing here imports typing, json,
+# dataclasses or platform: under `python -I -S` they (and the `re` they pull in) would double the
+# launcher's start-up, about 50 ms.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+    from typing import Any
+
+    Spec = Mapping[str, Any]
+
+
+def loads(text: str) -> Spec:
+    """Policy.to_json()'s text as a mapping, with the JSON scanner's C part (the json package would
+    import re)."""
+    try:
+        import _json
+    except ImportError:  # not CPython
+        import json
+
+        return dict(json.loads(text))
+
+    class Context:
+        strict = True
+        object_hook = object_pairs_hook = parse_constant = None
+        parse_float, parse_int = float, int
+
+    value, end = _json.make_scanner(Context())(text, 0)  # type: ignore[arg-type]
+    if not isinstance(value, dict) or end != len(text):
+        raise SandboxError("the policy is not a JSON object")
+    return value
 
 PR_CAPBSET_DROP = 24
 PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
@@ -62,14 +92,13 @@ def fs_rights(abi: int) -> int:
     return rights
 
 
-@dataclass(frozen=True)
 class Applied:
     """What was enforced; `summary()` names it for the record."""
 
-    landlock: int = 0  # the ABI used, 0 when none
-    net: bool = False  # TCP ports restricted by Landlock (ABI 4+)
-    seccomp: bool = False
-    no_new_privs: bool = False
+    def __init__(self, landlock: int = 0, net: bool = False, seccomp: bool = False) -> None:
+        self.landlock = landlock  # the ABI used, 0 when none
+        self.net = net  # TCP ports restricted by Landlock (ABI 4+)
+        self.seccomp = seccomp
 
     def summary(self) -> str:
         if not self.landlock:
@@ -98,7 +127,7 @@ def libc() -> ctypes.CDLL:
 
 def landlock_abi() -> int:
     """The kernel's Landlock ABI version, 0 when it has none (or it is disabled at boot)."""
-    if platform.system() != "Linux":
+    if not sys.platform.startswith("linux"):
         return 0
     version = libc().syscall(
         SYS_CREATE_RULESET, None, ctypes.c_size_t(0), ctypes.c_uint32(CREATE_RULESET_VERSION)
@@ -106,10 +135,10 @@ def landlock_abi() -> int:
     return max(0, int(version))
 
 
-def apply(policy: Policy) -> Applied:
-    """Confine this process as `policy` says. Raises SandboxError when `policy.require` and Landlock is
-    missing, or when a step that is available fails."""
-    set_limits(policy)
+def apply(policy: Spec) -> Applied:
+    """Confine this process as `policy` (Policy.to_json()'s mapping) says. Raises SandboxError when
+    the policy requires Landlock and there is none, or when a step that is available fails."""
+    set_limits(policy.get("limits") or {})
     drop_capabilities()
     lib = libc()
     if lib.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
@@ -118,15 +147,15 @@ def apply(policy: Policy) -> Applied:
     net = False
     if abi:
         net = restrict(policy, abi)
-    elif policy.require:
+    elif policy.get("require"):
         raise SandboxError(
             "this kernel has no Landlock (Linux 5.13 or later, with landlock in the lsm= boot list), and "
             "tools.require_sandbox is true"
         )
     filtered = False
-    if policy.seccomp:
-        filtered = install_seccomp(policy.network)
-    return Applied(landlock=abi, net=net, seccomp=filtered, no_new_privs=True)
+    if policy.get("seccomp", True):
+        filtered = install_seccomp(policy.get("network", NONE))
+    return Applied(landlock=abi, net=net, seccomp=filtered)
 
 
 def drop_capabilities() -> None:
@@ -142,17 +171,16 @@ def drop_capabilities() -> None:
 
 
 # -- rlimits -------------------------------------------------------------------------------------------
-def set_limits(policy: Policy) -> None:
-    limits = policy.limits
-    if limits.memory:
-        _lower(resource.RLIMIT_DATA, limits.memory)
-    if limits.cpu_seconds:
-        _lower(resource.RLIMIT_CPU, limits.cpu_seconds)
-    if limits.file_size:
-        _lower(resource.RLIMIT_FSIZE, limits.file_size)
-    if limits.processes:
+def set_limits(limits: Spec) -> None:
+    if limits.get("memory"):
+        _lower(resource.RLIMIT_DATA, int(limits["memory"]))
+    if limits.get("cpu_seconds"):
+        _lower(resource.RLIMIT_CPU, int(limits["cpu_seconds"]))
+    if limits.get("file_size"):
+        _lower(resource.RLIMIT_FSIZE, int(limits["file_size"]))
+    if limits.get("processes"):
         # RLIMIT_NPROC counts every process of the user, not of this tree: what runs now plus the allowance.
-        _lower(resource.RLIMIT_NPROC, user_processes() + limits.processes)
+        _lower(resource.RLIMIT_NPROC, user_processes() + int(limits["processes"]))
     _lower(resource.RLIMIT_CORE, 0)
 
 
@@ -186,14 +214,15 @@ class _NetPort(ctypes.Structure):
     _fields_ = [("allowed_access", ctypes.c_uint64), ("port", ctypes.c_uint64)]
 
 
-def restrict(policy: Policy, abi: int) -> bool:
+def restrict(policy: Spec, abi: int) -> bool:
     """Apply the policy's Landlock rules; True when TCP ports are restricted too (ABI 4+)."""
     handled_fs = fs_rights(abi)
     handled_net = 0
+    network = policy.get("network", NONE)
     if abi >= 4:
-        if policy.network in (NONE, PORTS):
+        if network in (NONE, PORTS):
             handled_net |= NET_CONNECT_TCP
-        if policy.bind is not None:
+        if policy.get("bind") is not None:
             handled_net |= NET_BIND_TCP
     scoped = SCOPE_ABSTRACT_UNIX_SOCKET | SCOPE_SIGNAL if abi >= 6 else 0
     attr = struct.pack("=QQQ", handled_fs, handled_net, scoped)
@@ -204,16 +233,16 @@ def restrict(policy: Policy, abi: int) -> bool:
     if fd < 0:
         raise SandboxError(f"landlock_create_ruleset: {os.strerror(ctypes.get_errno())}")
     try:
-        for path in policy.read:
+        for path in policy.get("read", ()):
             _allow_path(fd, path, READ & handled_fs)
-        for path in (*policy.write, *policy.devices):
+        for path in (*policy.get("write", ()), *policy.get("devices", ())):
             _allow_path(fd, path, handled_fs)
         if handled_net & NET_CONNECT_TCP:
-            for port in policy.connect if policy.network == PORTS else ():
-                _allow_port(fd, NET_CONNECT_TCP, port)
+            for port in policy.get("connect", ()) if network == PORTS else ():
+                _allow_port(fd, NET_CONNECT_TCP, int(port))
         if handled_net & NET_BIND_TCP:
-            for port in policy.bind or ():
-                _allow_port(fd, NET_BIND_TCP, port)
+            for port in policy.get("bind") or ():
+                _allow_port(fd, NET_BIND_TCP, int(port))
         if lib.syscall(SYS_RESTRICT_SELF, ctypes.c_int(fd), ctypes.c_uint32(0)) != 0:
             raise SandboxError(f"landlock_restrict_self: {os.strerror(ctypes.get_errno())}")
     finally:
@@ -384,7 +413,7 @@ class _SockFprog(ctypes.Structure):
 
 def install_seccomp(network: str) -> bool:
     """Install the filter (no_new_privs must be set); False when this architecture has none."""
-    prog = seccomp_program(platform.machine(), network)
+    prog = seccomp_program(os.uname().machine, network)
     if prog is None:
         return False
     filters = (_SockFilter * len(prog))(*[_SockFilter(*ins) for ins in prog])

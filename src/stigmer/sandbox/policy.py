@@ -11,10 +11,9 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-# network
-NONE = "none"  # no IP sockets at all
-PORTS = "ports"  # TCP connect to `connect` ports only (the tool's proxy, say); no UDP
-ANY = "any"  # not restricted
+from stigmer.sandbox import ANY, NONE, PORTS
+
+__all__ = ["ANY", "NONE", "PORTS", "Limits", "Policy"]
 
 
 @dataclass(frozen=True)

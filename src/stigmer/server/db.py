@@ -266,6 +266,7 @@ class Database:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lock = threading.RLock()
+        self._depth = 0  # transactions open on the thread holding the lock (tx() nests)
         with storage_errors(path):
             path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             self._conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30)
@@ -289,9 +290,19 @@ class Database:
     @contextmanager
     def tx(self) -> Iterator[sqlite3.Connection]:
         """One write transaction. A full disk (or any error) rolls it back and leaves the connection
-        ready for the next one: nothing is left half-open to block later writes once there is space."""
+        ready for the next one: nothing is left half-open to block later writes once there is space.
+        Nested (the same thread, inside another tx): part of the outer one, so several writes can be made
+        all-or-nothing (a webhook delivery and the execution it makes)."""
         with self._lock, storage_errors(self.path):
+            if self._depth:
+                self._depth += 1
+                try:
+                    yield self._conn
+                finally:
+                    self._depth -= 1
+                return
             self._conn.execute("BEGIN IMMEDIATE")
+            self._depth = 1
             try:
                 yield self._conn
                 self._conn.execute("COMMIT")
@@ -301,6 +312,8 @@ class Database:
                     with contextlib.suppress(sqlite3.Error):
                         self._conn.execute("ROLLBACK")
                 raise
+            finally:
+                self._depth = 0
 
     def query(self, sql: str, *args: Any) -> list[sqlite3.Row]:
         with self._lock, storage_errors(self.path):

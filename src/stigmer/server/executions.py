@@ -71,6 +71,7 @@ class Executions:
         self._changed: dict[str, asyncio.Condition] = {}
         self._watchers: dict[str, asyncio.Task[None]] = {}
         self._starting: dict[str, asyncio.Event] = {}  # start_workflow in flight: its run id is coming
+        self._background: set[asyncio.Task[Any]] = set()  # workflows started after the answer (webhooks)
 
     # -- Temporal -----------------------------------------------------------------------------------------
     async def client(self) -> Any:
@@ -96,10 +97,20 @@ class Executions:
         """After a start: watch every execution that had not finished (the API may have restarted), and
         wake those waiting for approval, in case a decision was recorded but its wake-up was lost."""
         for exec_id in self.db.unfinished():
-            self._watch(exec_id)
             row = self.db.get_execution(exec_id) or {}
+            if row.get("state") == PENDING and not row.get("run_id") and row.get("ticket"):
+                # recorded (a webhook answered 202) but the API stopped before its workflow started
+                self.later(self.start(exec_id, row["ticket"]))
+                continue
+            self._watch(exec_id)
             if row.get("state") == WAITING_APPROVAL:
                 asyncio.get_running_loop().create_task(self._wake(exec_id))
+
+    def later(self, work: Any) -> None:
+        """Run a coroutine after the answer; the task is kept (asyncio keeps only weak references)."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     # -- agents -------------------------------------------------------------------------------------------
     def agent(self, name: str) -> AgentSpec:
@@ -138,6 +149,40 @@ class Executions:
         turn of a session runs at a time). `continue_last`: the most recently used session. `history`: the
         conversation before this message, given by the caller (the OpenAI-compatible endpoint), in the
         record's message format; `via`: the scoped key that asked (it may read this execution back)."""
+        await self.client()  # Temporal answers before a record is made that it could not run
+        exec_id, ticket = self.make(
+            agent_name, message, session=session, continue_last=continue_last, history=history, via=via,
+            trigger=trigger, warnings=warnings, limits=limits,
+        )  # fmt: skip
+        error = await self.start(exec_id, ticket)
+        if error is not None:
+            from stigmer.server.db import disk_full, low_space
+
+            if low_space(self.paths.data_dir):  # Temporal's own database cannot grow
+                raise disk_full(self.paths.data_dir / "temporal.db") from None
+            raise StigmerError(
+                f"The execution could not be started: {error}.",
+                code=ErrorCode.NOT_RUNNING,
+                hint="stigmer server status",
+            ) from None
+        return self.record(exec_id)
+
+    def make(
+        self,
+        agent_name: str | None,
+        message: str,
+        *,
+        session: str | None = None,
+        continue_last: bool = False,
+        history: list[dict[str, Any]] | None = None,
+        via: str | None = None,
+        trigger: str | None = None,
+        warnings: list[str] | None = None,
+        limits: dict[str, int] | None = None,
+    ) -> tuple[str, str]:
+        """The record of a new execution, PENDING, in one transaction (inside the caller's, when it has one:
+        a webhook delivery is recorded with it). Returns its id and ticket; `start` starts its workflow. A
+        record whose workflow never started (the API stopped in between) is started by `resume`."""
         if not isinstance(message, str) or not message.strip():
             raise StigmerError(
                 "The message is empty.", hint='Give one: stigmer run -m "..."', code=ErrorCode.INVALID_INPUT
@@ -164,7 +209,6 @@ class Executions:
         spec = self.agent(agent_name or owner or DEFAULT_AGENT)
         from stigmer.agents import limits as limits_
 
-        client = await self.client()
         exec_id = "ex-" + secrets.token_hex(8)
         ticket = secrets.token_urlsafe(24)
         run = RunSpec(
@@ -182,19 +226,20 @@ class Executions:
             limits=limits_.effective(spec.limits, limits_.check(limits or {})),
         )
         model = spec.model or self.settings.llm.model
-        if session is not None:
-            _, run.turn = self.db.start_turn(
-                exec_id, session, agent_name or None, message, {"model": model, "ticket": ticket}
-            )
-            run.session = session
-        else:
-            self.db.create_execution(exec_id, spec.name, message, model)
-        try:
-            extra: dict[str, Any] = {"via": via} if via else {}
-            if trigger:  # what started it: "schedule NAME", "hook NAME" (server/triggers.py)
-                extra["trigger"] = trigger
-            if warnings:
-                extra["warnings"] = json.dumps(warnings, ensure_ascii=False)
+        extra: dict[str, Any] = {"via": via} if via else {}
+        if trigger:  # what started it: "schedule NAME", "hook NAME" (server/triggers.py)
+            extra["trigger"] = trigger
+        if warnings:
+            extra["warnings"] = json.dumps(warnings, ensure_ascii=False)
+        # All or nothing: a record is never left PENDING without what its workflow needs (a full disk).
+        with self.db.tx():
+            if session is not None:
+                _, run.turn = self.db.start_turn(
+                    exec_id, session, agent_name or None, message, {"model": model, "ticket": ticket}
+                )
+                run.session = session
+            else:
+                self.db.create_execution(exec_id, spec.name, message, model)
             if history and session is None:
                 extra["history"] = json.dumps(history, ensure_ascii=False)
                 run.history = True
@@ -202,36 +247,40 @@ class Executions:
             self.publish(
                 exec_id, EventKind.PENDING, {"agent": spec.name, "session": session, "turn": run.turn}
             )
-        except Exception:
-            with contextlib.suppress(Exception):  # a full disk: no record left PENDING without a workflow
-                self.db.update_execution(exec_id, state=FAILED, finished=time.time(), error="Not started.")
-            raise
-        started = self._starting[exec_id] = asyncio.Event()
+        # From here a worker that claims it first waits for the run id (claim()).
+        self._starting[exec_id] = asyncio.Event()
+        return exec_id, ticket
+
+    async def start(self, exec_id: str, ticket: str) -> str | None:
+        """Start the workflow of a record `make` wrote, then watch it. None when started; else why not (the
+        record is then FAILED, saying so). After an API restart the workflow may have started already (only
+        its run id was not written): it is then watched, never started twice."""
+        from temporalio.common import WorkflowIDReusePolicy
+        from temporalio.exceptions import WorkflowAlreadyStartedError
+
+        started = self._starting.setdefault(exec_id, asyncio.Event())
         try:
+            client = await self.client()
             handle = await client.start_workflow(
                 WORKFLOW,
                 ExecutionRef(execution_id=exec_id, ticket=ticket).model_dump(),
                 id=exec_id,
                 task_queue=TASK_QUEUE,
+                # never a second run of an execution whose first one ended already
+                id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
             )
             self.db.update_execution(exec_id, run_id=handle.result_run_id)
+        except WorkflowAlreadyStartedError:
+            log.info("%s had started before the API restarted: watching it", exec_id)
         except Exception as e:  # noqa: BLE001
             with contextlib.suppress(Exception):
                 self._finish(exec_id, FAILED, error=f"The workflow could not be started: {e}")
-            from stigmer.server.db import disk_full, low_space
-
-            if low_space(self.paths.data_dir):  # Temporal's own database cannot grow
-                raise disk_full(self.paths.data_dir / "temporal.db") from None
-            raise StigmerError(
-                f"The execution could not be started: {e}.",
-                code=ErrorCode.NOT_RUNNING,
-                hint="stigmer server status",
-            ) from None
+            return str(e) or type(e).__name__
         finally:
             started.set()
             self._starting.pop(exec_id, None)
         self._watch(exec_id)
-        return self.record(exec_id)
+        return None
 
     async def cancel(self, exec_id: str) -> dict[str, Any]:
         rec = self.record(exec_id)

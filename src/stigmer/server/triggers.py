@@ -519,43 +519,55 @@ class Triggers:
         return dict(rows[0]) if rows and ok else None
 
     async def deliver(self, hook: dict[str, Any], body: bytes, delivery: str | None) -> dict[str, Any]:
-        """Run the hook's agent once for this delivery (a repeated delivery id answers with the same id)."""
+        """Run the hook's agent once for this delivery (a repeated delivery id answers with the same id).
+
+        The answer comes once the delivery is recorded, not once Temporal started its workflow (~100 ms
+        on a busy machine): the dedupe check, the execution's record and the delivery's row are one
+        transaction, so a delivery either ran (or will: `Executions.resume` starts a recorded one whose
+        workflow did not start before an API restart) or left nothing, and a repeat finds its id."""
         name = hook["name"]
         key = delivery[:200] if delivery else "body-" + hashlib.sha256(body).hexdigest()
-        async with self._lock(("hook", name + "\0" + key)):
+        message, warnings = self._message(hook, body)
+        await self.ex.client()  # Temporal answers, so a delivery is not accepted that could not run
+        with self.db.tx() as c:  # the lock of the database: no other delivery interleaves
             if delivery:
-                done = self.db.query(
-                    "SELECT execution_id FROM hook_deliveries WHERE hook = ? AND delivery = ?", name, key
-                )
+                done = c.execute(
+                    "SELECT execution_id FROM hook_deliveries WHERE hook = ? AND delivery = ?", (name, key)
+                ).fetchone()
                 if done:
-                    return {"execution_id": done[0]["execution_id"], "repeat": True}
-            text = body.decode("utf-8", "replace")
-            warnings: list[str] = []
-            if hook["template"]:
-                try:
-                    data = json.loads(body or b"null")
-                except ValueError:
-                    data = None
-                    warnings.append("The body is not JSON: every template field was left empty.")
-                message, missing = fill(hook["template"], data)
-                if missing and data is not None:
-                    warnings.append(
-                        "Fields missing from the body, left empty: " + ", ".join(dict.fromkeys(missing))
-                    )
-            else:
-                message = text
-            if not message.strip():
-                message = "(empty webhook body)"
-                warnings.append("The message was empty.")
-            rec = await self.ex.create(
+                    return {"execution_id": done["execution_id"], "repeat": True}
+            exec_id, ticket = self.ex.make(
                 hook["agent"], message, session=hook["session"], trigger=f"hook {name}",
                 warnings=warnings or None,
             )  # fmt: skip
-            with self.db.tx() as c:
-                if delivery:
-                    c.execute(
-                        "INSERT INTO hook_deliveries (hook, delivery, execution_id, created) VALUES (?, ?, ?, ?)",
-                        (name, key, rec["id"], time.time()),
-                    )
-                c.execute("UPDATE hooks SET last_delivery = ? WHERE name = ?", (time.time(), name))
-            return {"execution_id": rec["id"], "repeat": False, "warnings": warnings}
+            if delivery:
+                c.execute(
+                    "INSERT INTO hook_deliveries (hook, delivery, execution_id, created) VALUES (?, ?, ?, ?)",
+                    (name, key, exec_id, time.time()),
+                )
+            c.execute("UPDATE hooks SET last_delivery = ? WHERE name = ?", (time.time(), name))
+        # A start that fails leaves the record FAILED, saying why (the sender has its id already).
+        self.ex.later(self.ex.start(exec_id, ticket))
+        return {"execution_id": exec_id, "repeat": False, "warnings": warnings}
+
+    @staticmethod
+    def _message(hook: dict[str, Any], body: bytes) -> tuple[str, list[str]]:
+        """The agent's message made from the hook's template and the body, and what was left out."""
+        warnings: list[str] = []
+        if hook["template"]:
+            try:
+                data = json.loads(body or b"null")
+            except ValueError:
+                data = None
+                warnings.append("The body is not JSON: every template field was left empty.")
+            message, missing = fill(hook["template"], data)
+            if missing and data is not None:
+                warnings.append(
+                    "Fields missing from the body, left empty: " + ", ".join(dict.fromkeys(missing))
+                )
+        else:
+            message = body.decode("utf-8", "replace")
+        if not message.strip():
+            message = "(empty webhook body)"
+            warnings.append("The message was empty.")
+        return message, warnings

@@ -1,7 +1,7 @@
 """The guardian of one tool process (Linux): runs the command as its child and makes sure that nothing
 of the command's process tree outlives it, or outlives the worker that started it.
 
-    python -I -S guardian.py WORKER_PID GRACE -- ARGV...
+    python -I -S guardian.py WORKER_PID GRACE [--policy POLICY_JSON] -- ARGV...
 
 Started by stigmer.tools.procs (never imported by the worker: it runs with the standard library only,
 under `python -I -S`, so it starts in a few tens of milliseconds). It
@@ -15,7 +15,10 @@ under `python -I -S`, so it starts in a few tens of milliseconds). It
 - when the command exits, stops what it left behind (SIGTERM, SIGKILL after GRACE seconds), reaps it
   all, and exits as the command did (its exit code, or the same signal);
 - on SIGTERM (the worker's timeout, or a stop): SIGTERM to the whole tree, SIGKILL after GRACE;
-- on SIGHUP (the worker died, or wants it gone now): SIGKILL to the whole tree at once.
+- on SIGHUP (the worker died, or wants it gone now): SIGKILL to the whole tree at once;
+- with --policy, confines the command (stigmer/sandbox/linux.py) between fork and exec; the guardian
+  itself stays outside, so that it can still see and stop everything the command starts. A policy that
+  cannot be applied as required: one line on stderr, exit 126, and the command never runs.
 
 Its own stdin, stdout and stderr are pointed at /dev/null once the command runs, so only the command
 and its descendants hold the pipes the worker reads.
@@ -94,7 +97,21 @@ def exit_like(status: int | None) -> None:
     os._exit(os.waitstatus_to_exitcode(status))
 
 
-def start(argv: list[str], libc: ctypes.CDLL) -> int:
+def confine(policy: str) -> None:
+    """Apply the sandbox policy to this process (the command's, before exec)."""
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # -I -S: the standard library only
+    from stigmer.sandbox import linux
+
+    try:
+        linux.apply(linux.loads(policy))
+    except linux.SandboxError as e:
+        os.write(2, f"error: the tool's sandbox could not be applied: {e}\n".encode(errors="replace"))
+        os._exit(126)
+
+
+def start(argv: list[str], libc: ctypes.CDLL, policy: str = "") -> int:
     guardian = os.getpid()
     pid = os.fork()
     if pid:
@@ -106,6 +123,8 @@ def start(argv: list[str], libc: ctypes.CDLL) -> int:
         for sig in (signal.SIGPIPE, signal.SIGXFSZ):
             signal.signal(sig, signal.SIG_DFL)  # Python ignores these, and an exec keeps what is ignored
         signal.pthread_sigmask(signal.SIG_SETMASK, set())
+        if policy:
+            confine(policy)
         os.execvp(argv[0], argv)
     except OSError as e:
         os.write(2, f"cannot run {argv[0]!r}: {e.strerror}\n".encode(errors="replace"))
@@ -117,9 +136,12 @@ def start(argv: list[str], libc: ctypes.CDLL) -> int:
 
 def main(args: list[str]) -> None:
     worker, grace = int(args[0]), float(args[1])
+    policy = ""
+    if len(args) > 4 and args[2] == "--policy":
+        policy, args = args[3], [*args[:2], *args[4:]]
     argv = args[3:] if len(args) > 3 and args[2] == "--" else []
     if not argv:
-        os.write(2, b"usage: guardian.py WORKER_PID GRACE -- ARGV...\n")
+        os.write(2, b"usage: guardian.py WORKER_PID GRACE [--policy JSON] -- ARGV...\n")
         os._exit(2)
     signal.pthread_sigmask(signal.SIG_BLOCK, WATCHED)  # taken with sigtimedwait, never as handlers
     libc = ctypes.CDLL(None, use_errno=True)
@@ -129,7 +151,7 @@ def main(args: list[str]) -> None:
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGHUP, 0, 0, 0)
     if os.getppid() != worker:  # the worker died before we were set up: start nothing
         os._exit(128 + signal.SIGKILL)
-    command = start(argv, libc)
+    command = start(argv, libc, policy)
     null = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(null, fd)

@@ -31,6 +31,10 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from stigmer.sandbox.policy import Policy
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +61,11 @@ def available() -> bool:
     return mechanism() is not None and bool(sys.executable) and GUARDIAN.is_file()
 
 
-def guarded_argv(argv: list[str], *, grace: float) -> list[str]:
+def guarded_argv(argv: list[str], *, grace: float, policy: Policy | None = None) -> list[str]:
     """argv run under a guardian (see the module's docstring). `grace`: the seconds between SIGTERM and
-    SIGKILL when the guardian stops the command's tree."""
-    return [sys.executable, "-I", "-S", str(GUARDIAN), str(os.getpid()), f"{grace:g}", "--", *argv]
+    SIGKILL when the guardian stops the command's tree; `policy`: the sandbox it runs in."""
+    confined = ["--policy", policy.to_json()] if policy else []
+    return [sys.executable, "-I", "-S", str(GUARDIAN), str(os.getpid()), f"{grace:g}", *confined, "--", *argv]
 
 
 @functools.cache

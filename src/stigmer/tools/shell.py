@@ -21,7 +21,9 @@
   verbose build should still finish and report its real exit code). A command that prints forever
   therefore runs until its timeout.
 
-Not a sandbox: the command runs as the user, with the user's files.
+- With a policy (stigmer/sandbox: Linux, applied by the guardian between fork and exec), the command
+  and all it starts may read and write only what the policy lists, reach only its network, and none of
+  the system calls tools never need. Without one, it runs as the user, with the user's files.
 """
 
 from __future__ import annotations
@@ -37,12 +39,15 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from stigmer.services.env import PROXY, child_env
 from stigmer.tools import procs
 from stigmer.tools.errors import ToolFailure
+
+if TYPE_CHECKING:
+    from stigmer.sandbox.policy import Policy
 
 log = logging.getLogger(__name__)
 
@@ -71,22 +76,25 @@ def run(
     max_output: int = 64_000,
     allow_shell_string: bool = False,
     environ: Mapping[str, str] | None = None,
+    policy: Policy | None = None,
+    extra_env: Mapping[str, str] | None = None,
 ) -> ShellResult:
     """Run argv in `cwd` (the workspace root) with a deadline. `environ` is the environment the
-    command's is drawn from (os.environ when None): only allow-listed, non-secret names pass."""
+    command's is drawn from (os.environ when None): only allow-listed, non-secret names pass;
+    `extra_env` is added as given (its temporary folder, its proxy); `policy` confines it."""
     if timeout <= 0 or max_output < 1:
         raise ValueError("timeout must be positive and max_output at least 1")
     if not Path(cwd).is_dir():
         raise ValueError(f"cwd {cwd} is not a folder")
     command = command_argv(argv, allow_shell_string=allow_shell_string)
-    env = command_env(environ)
+    env = {**command_env(environ), **(extra_env or {})}
     guarded = sys.platform != "win32" and procs.available()
     if guarded:  # the guardian starts the command: find it first, to say what is wrong as Popen would
         check_program(command[0], cwd=Path(cwd), path=env.get("PATH", os.defpath))
     log.debug("running %s in %s%s", command, cwd, " under a guardian" if guarded else "")
     try:
         proc = subprocess.Popen(
-            procs.guarded_argv(command, grace=GUARDIAN_GRACE) if guarded else command,
+            procs.guarded_argv(command, grace=GUARDIAN_GRACE, policy=policy) if guarded else command,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
