@@ -131,3 +131,41 @@ def test_limits_pause_for_a_person_and_deny_keeps_what_was_made(
     assert failed["state"] == "FAILED" and failed["error_code"] == "limit_reached", failed
     assert "limit: model_calls 1 of 1" in failed["error"]
     assert [m["role"] for m in failed["messages"]] == ["system", "user", "assistant", "tool"]
+
+
+def test_seconds_limit_ends_a_model_call_and_waiting_for_a_person_does_not_count(
+    isolated_home: Paths, api: FakeOpenAI, tmp_path: Path
+) -> None:
+    import time
+
+    _apply(tmp_path, "name: slowpoke\ninstructions: You talk slowly.\nlimits: {seconds: 4}\n")
+    slow = {"content": " ".join(["word"] * 60), "delay": 0.5}  # ~30 s of streaming
+    api.script += [slow, {"content": "Done quickly."}]
+    began = time.monotonic()
+    r = run_cli("run", "slowpoke", "-m", "Talk", "--detach", timeout=240)
+    assert r.returncode == 0, r.stderr
+    exec_id = r.stdout.strip()
+    # the model call still streaming when 4 s passed ends there: the execution asks, and the request ends
+    waiting = wait_until(lambda: in_state(exec_id, "WAITING_APPROVAL", "COMPLETED", "FAILED"), 120)
+    assert waiting["state"] == "WAITING_APPROVAL", waiting
+    assert waiting["approvals"][0]["args"]["reason"] == "limit: seconds 4 of 4", waiting
+    assert time.monotonic() - began < 25  # not the ~30 s the answer would have taken
+    wait_until(lambda: api.cut == 1, 30)  # the worker closed the model's stream
+    # a person takes longer than the limit to answer: that time is not the agent's
+    time.sleep(6)
+    assert run_cli("execution", "approve", exec_id).returncode == 0
+    done = wait_until(lambda: in_state(exec_id, "COMPLETED", "FAILED", "WAITING_APPROVAL"), 120)
+    assert done["state"] == "COMPLETED" and done["output"] == "Done quickly.", done.get("error")
+
+    # denied: FAILED, limit_reached, with what it had
+    api.script += [slow]
+    r = run_cli("run", "slowpoke", "-m", "Talk again", "--detach", timeout=240)
+    exec_id = r.stdout.strip()
+    waiting = wait_until(lambda: in_state(exec_id, "WAITING_APPROVAL", "COMPLETED", "FAILED"), 120)
+    assert waiting["approvals"][0]["args"]["reason"] == "limit: seconds 4 of 4", waiting
+    assert run_cli("execution", "deny", exec_id).returncode == 0
+    failed = wait_until(lambda: in_state(exec_id, "FAILED", "COMPLETED"), 120)
+    assert failed["state"] == "FAILED" and failed["error_code"] == "limit_reached", failed
+    assert "limit: seconds 4 of 4" in failed["error"]
+    assert [m["role"] for m in failed["messages"]][:2] == ["system", "user"], failed["messages"]
+

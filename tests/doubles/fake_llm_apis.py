@@ -20,7 +20,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any
 
-Reply = dict[str, Any]  # {"content": str} and/or {"tool_calls": [{"name": str, "arguments": dict}]}
+# {"content": str} and/or {"tool_calls": [{"name": str, "arguments": dict}]}; streamed, a reply may also
+# set "delay" (seconds between its chunks, instead of the fake's own) and "error" (a message: the stream
+# breaks off with OpenAI's error event after the content, as a server failing mid-answer does).
+Reply = dict[str, Any]
 
 
 class _Server(ThreadingHTTPServer):
@@ -38,6 +41,7 @@ class _Base:
         self.script: list[Reply] = []
         self.requests: list[dict[str, Any]] = []
         self.headers: list[dict[str, str]] = []  # of each request, in order (what a client sent us)
+        self.cut = 0  # streams the client closed before their end (a cancelled request)
         self._lock = threading.Lock()
         self._httpd: _Server | None = None
 
@@ -117,8 +121,10 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(f"event: {event}\n".encode())
         self.wfile.write(f"data: {data}\n\n".encode())
         self.wfile.flush()
-        if self.fake.delay:
-            time.sleep(self.fake.delay)
+        delay = getattr(self, "delay", None)
+        delay = self.fake.delay if delay is None else delay
+        if delay:
+            time.sleep(delay)
 
 
 def _pieces(text: str) -> Iterator[str]:
@@ -189,6 +195,14 @@ class FakeOpenAI(_Base):
                     self.send_json(200, _completion(reply, model))
 
             def _stream(self, reply: Reply, model: str, usage: bool) -> None:
+                self.delay = reply.get("delay")
+                try:
+                    self._chunks(reply, model, usage)
+                except (BrokenPipeError, ConnectionResetError):
+                    with fake._lock:
+                        fake.cut += 1
+
+            def _chunks(self, reply: Reply, model: str, usage: bool) -> None:
                 self.start_sse()
                 base = {
                     "id": "chatcmpl-fake",
@@ -204,6 +218,9 @@ class FakeOpenAI(_Base):
                 chunk({"role": "assistant", "content": ""})
                 for piece in _pieces(reply.get("content") or ""):
                     chunk({"content": piece})
+                if reply.get("error"):
+                    self.sse(json.dumps({"error": {"message": reply["error"], "type": "server_error"}}))
+                    return
                 for i, call in enumerate(reply.get("tool_calls") or []):
                     chunk(
                         {

@@ -65,6 +65,9 @@ class Approvals:
         self.decisions: dict[str, Decision] = {}
         self.always: dict[str, bool] = {}  # tool name -> approve
         self.woken = False
+        # Seconds spent waiting for a person (tool approvals, limit crossings): not the agent's time, so
+        # not counted against its `seconds` limit (runner/limits.py).
+        self.waited = 0.0
 
     def record(self, d: Decision) -> None:
         self.decisions[d.call_id] = d
@@ -86,49 +89,58 @@ async def decide(ctx: RunContext[Any], requests: DeferredToolRequests) -> Deferr
         else:
             waiting.append(call)
     if waiting:
-        await workflow.execute_activity(
-            notify,
-            NotifyInput(
-                execution_id=execution_id,
-                ticket=ticket,
-                events=[
-                    {
-                        "type": "approval_required",
-                        "id": c.tool_call_id,
-                        "name": c.tool_name,
-                        "args": c.args_as_dict(),
-                    }
-                    for c in waiting
-                ],
-            ),  # fmt: skip
-            start_to_close_timeout=timedelta(seconds=90),
-            retry_policy=_RETRY,
-        )
-        ids = [c.tool_call_id for c in waiting]
-
-        def answered(i: str) -> bool:
-            return i in state.decisions or _by_always(state, waiting, i)
-
-        while not all(answered(i) for i in ids):
-            try:
-                await workflow.wait_condition(lambda: state.woken, timeout=RECHECK)
-            except TimeoutError:
-                pass
-            state.woken = False
-            for found in await workflow.execute_activity(
-                decisions,
-                DecisionsInput(
-                    execution_id=execution_id, ticket=ticket, call_ids=[i for i in ids if not answered(i)]
-                ),
-                start_to_close_timeout=timedelta(seconds=30),
-                retry_policy=_RETRY,
-            ):
-                state.record(found)
+        began = workflow.now()
+        try:
+            await _ask(state, execution_id, ticket, waiting)
+        finally:
+            state.waited += (workflow.now() - began).total_seconds()
         for c in waiting:
             d = state.decisions.get(c.tool_call_id)
             approve = d.approve if d is not None else state.always[c.tool_name]
             results[c.tool_call_id] = True if approve else ToolDenied(DENIED)
     return requests.build_results(approvals=results)
+
+
+async def _ask(state: Approvals, execution_id: str, ticket: str, waiting: list[Any]) -> None:
+    """Tell the API which calls wait for a person, then wait until each has a decision."""
+    await workflow.execute_activity(
+        notify,
+        NotifyInput(
+            execution_id=execution_id,
+            ticket=ticket,
+            events=[
+                {
+                    "type": "approval_required",
+                    "id": c.tool_call_id,
+                    "name": c.tool_name,
+                    "args": c.args_as_dict(),
+                }
+                for c in waiting
+            ],
+        ),  # fmt: skip
+        start_to_close_timeout=timedelta(seconds=90),
+        retry_policy=_RETRY,
+    )
+    ids = [c.tool_call_id for c in waiting]
+
+    def answered(i: str) -> bool:
+        return i in state.decisions or _by_always(state, waiting, i)
+
+    while not all(answered(i) for i in ids):
+        try:
+            await workflow.wait_condition(lambda: state.woken, timeout=RECHECK)
+        except TimeoutError:
+            pass
+        state.woken = False
+        for found in await workflow.execute_activity(
+            decisions,
+            DecisionsInput(
+                execution_id=execution_id, ticket=ticket, call_ids=[i for i in ids if not answered(i)]
+            ),
+            start_to_close_timeout=timedelta(seconds=30),
+            retry_policy=_RETRY,
+        ):
+            state.record(found)
 
 
 def _by_always(state: Approvals, calls: list[Any], call_id: str) -> bool:

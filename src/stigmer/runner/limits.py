@@ -3,7 +3,10 @@
 The agent is driven step by step: before each model request the model calls, tokens and seconds used
 so far are compared with the limits, and before each step that runs tools, the tool calls. The counts
 are the agent run's own (the workflow's state: a worker that restarts replays them, so they hold over
-the whole execution). Crossing a limit does not fail the execution: it waits for a person, like a tool
+the whole execution). A model request still going when the seconds run out is raced against a workflow
+timer: the timer wins, the request is cancelled (its activity too: the worker closes the model's
+stream), and the crossing is asked like any other; approving sends the request again. The time spent
+waiting for a person (this decision, a tool's approval) is not the agent's: it is not counted. Crossing a limit does not fail the execution: it waits for a person, like a tool
 call that needs approval (an `approval_required` event named `limit`, with the reason, answered through
 `stigmer execution approve|deny` or the prompt of `stigmer run`). Approving grants the same amount
 again; denying ends the execution FAILED with the type `limit_reached`, with the messages it produced.
@@ -11,6 +14,7 @@ again; denying ends the execution FAILED with the type `limit_reached`, with the
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 from typing import Any
 
@@ -41,23 +45,35 @@ class Budget:
         self.started = workflow.now()
         self.crossings = 0
 
+    def used_seconds(self) -> float:
+        """Seconds of the execution so far, less those it waited for a person."""
+        state: Approvals = workflow.instance()
+        return (workflow.now() - self.started).total_seconds() - state.waited
+
+    def seconds_left(self) -> float | None:
+        if "seconds" not in self.allowed:
+            return None
+        return max(0.0, self.allowed["seconds"] - self.used_seconds())
+
     def crossed(self, node: Any, usage: Any) -> tuple[str, int, int] | None:
         """(name, used, limit) of the first limit the next step would cross, else None."""
         from pydantic_ai import Agent
 
-        used_seconds = int((workflow.now() - self.started).total_seconds())
+        used_seconds = int(self.used_seconds())
         if "seconds" in self.allowed and used_seconds >= self.allowed["seconds"]:
             return "seconds", used_seconds, self.allowed["seconds"]
         if Agent.is_model_request_node(node):
-            if usage.requests >= self.allowed.get("model_calls", usage.requests + 1):
-                return "model_calls", usage.requests, self.allowed["model_calls"]
+            requests = usage.requests
+            if requests >= self.allowed.get("model_calls", requests + 1):
+                return "model_calls", requests, self.allowed["model_calls"]
             tokens = usage.input_tokens + usage.output_tokens
             if tokens >= self.allowed.get("tokens", tokens + 1):
                 return "tokens", tokens, self.allowed["tokens"]
         if Agent.is_call_tools_node(node):
             asked = sum(1 for c in node.model_response.tool_calls if c.tool_name != OUTPUT_TOOL)
-            if asked and usage.tool_calls + asked > self.allowed.get("tool_calls", usage.tool_calls + asked):
-                return "tool_calls", usage.tool_calls, self.allowed["tool_calls"]
+            calls = usage.tool_calls
+            if asked and calls + asked > self.allowed.get("tool_calls", calls + asked):
+                return "tool_calls", calls, self.allowed["tool_calls"]
         return None
 
     def grant(self, name: str) -> None:
@@ -71,6 +87,17 @@ async def ask(budget: Budget, execution_id: str, ticket: str, crossed: tuple[str
     call_id = f"limit-{name}-{budget.crossings}"
     reason = f"limit: {name} {used} of {limit}"
     more = f"{budget.base[name]:,} more {name.replace('_', ' ')}"
+    state: Approvals = workflow.instance()
+    began = workflow.now()
+    try:
+        return await _wait(state, execution_id, ticket, call_id, reason, more)
+    finally:
+        state.waited += (workflow.now() - began).total_seconds()
+
+
+async def _wait(
+    state: Approvals, execution_id: str, ticket: str, call_id: str, reason: str, more: str
+) -> bool:
     await workflow.execute_activity(
         notify,
         NotifyInput(
@@ -89,7 +116,6 @@ async def ask(budget: Budget, execution_id: str, ticket: str, crossed: tuple[str
         start_to_close_timeout=timedelta(seconds=90),
         retry_policy=_RETRY,
     )
-    state: Approvals = workflow.instance()
     while call_id not in state.decisions:
         try:
             await workflow.wait_condition(lambda: state.woken, timeout=RECHECK)
@@ -131,13 +157,57 @@ async def run(
         while not Agent.is_end_node(node):
             crossed = budget.crossed(node, agent_run.usage())
             while crossed is not None:
-                if not await ask(budget, execution_id, ticket, crossed):
-                    # what it made, the tool results the next request would have carried too
-                    made = agent_run.all_messages()
-                    if Agent.is_model_request_node(node):
-                        made = [*made, node.request]
-                    raise refused(crossed, messages(made))
-                budget.grant(crossed[0])
+                await _ask_or_refuse(budget, execution_id, ticket, crossed, agent_run, node, messages)
                 crossed = budget.crossed(node, agent_run.usage())
-            node = await agent_run.next(node)
+            left = budget.seconds_left() if Agent.is_model_request_node(node) else None
+            # (a marker in the history: executions begun before the race replay without its timers)
+            if left is None or not workflow.patched("seconds-limit-race"):
+                node = await agent_run.next(node)
+                continue
+            try:
+                # A workflow timer raced against the model request: pydantic-ai's activities take the
+                # cancellation (one cancel to Temporal, which cancels the activity on the worker).
+                node = await asyncio.wait_for(agent_run.next(node), timeout=max(left, 0.001))
+            except TimeoutError:
+                limit = budget.allowed["seconds"]
+                await _ask_or_refuse(
+                    budget, execution_id, ticket, ("seconds", limit, limit), agent_run, node, messages
+                )
+                node = _again(agent_run, node)  # approved: the same request, sent again
         return agent_run.result
+
+
+def _again(agent_run: Any, node: Any) -> Any:
+    """A new step for a model request that was cancelled. A step runs once (pydantic-ai refuses to run
+    a step whose stream began again), and the cancelled one had put its request in the history: it is
+    taken out (the new step puts it back, as it was sent)."""
+    import dataclasses
+
+    from pydantic_ai.messages import ModelRequest
+
+    state = agent_run.ctx.state
+    history = state.message_history
+    request = node.request
+    # the step puts its request last before anything that could be cancelled (the timer fires in a
+    # later workflow task than the one that started the step)
+    if history and isinstance(history[-1], ModelRequest):
+        request = history.pop()
+        state.appended_messages.replace(request, None)
+        state.run_step -= 1
+    return dataclasses.replace(node, request=request)
+
+
+async def _ask_or_refuse(
+    budget: Budget, execution_id: str, ticket: str, crossed: tuple[str, int, int], agent_run: Any,
+    node: Any, messages: Any,
+) -> None:  # fmt: skip
+    """Ask a person about a crossing: approved, grant the same amount again; denied, end the execution
+    with what it made, the tool results the next request would have carried too."""
+    from pydantic_ai import Agent
+
+    if not await ask(budget, execution_id, ticket, crossed):
+        made = agent_run.all_messages()
+        if Agent.is_model_request_node(node) and node.request not in made:
+            made = [*made, node.request]
+        raise refused(crossed, messages(made))
+    budget.grant(crossed[0])
