@@ -169,3 +169,27 @@ def test_seconds_limit_ends_a_model_call_and_waiting_for_a_person_does_not_count
     assert "limit: seconds 4 of 4" in failed["error"]
     assert [m["role"] for m in failed["messages"]][:2] == ["system", "user"], failed["messages"]
 
+
+def test_retried_model_attempts_count_against_the_limits(
+    isolated_home: Paths, api: FakeOpenAI, tmp_path: Path
+) -> None:
+    """A model request whose first attempt broke off mid-answer (an error event after some text) is tried
+    again by Temporal: both attempts are model calls, for the limits and the record."""
+    _apply(tmp_path, "name: lister\ninstructions: You list.\ntools: [workspace]\nlimits: {model_calls: 2}\n")
+    api.script += [
+        {"content": "Let me look", "error": "The server had an error while processing your request."},
+        tool_call("list_files", path="."),
+        {"content": "Listed."},
+    ]
+    r = run_cli("run", "lister", "-m", "List", "--detach", timeout=240)
+    assert r.returncode == 0, r.stderr
+    exec_id = r.stdout.strip()
+    # two attempts of the first request, so the second request would be the third model call
+    waiting = wait_until(lambda: in_state(exec_id, "WAITING_APPROVAL", "COMPLETED", "FAILED"), 120)
+    assert waiting["state"] == "WAITING_APPROVAL", waiting
+    assert waiting["approvals"][0]["args"]["reason"] == "limit: model_calls 2 of 2", waiting
+    assert len(api.requests) == 2
+    assert run_cli("execution", "approve", exec_id).returncode == 0
+    done = wait_until(lambda: in_state(exec_id, "COMPLETED", "FAILED"), 120)
+    assert done["state"] == "COMPLETED" and done["output"] == "Listed.", done
+    assert done["requests"] == 3 and done["tool_calls"] == 1 and done["attempts"] == 2, done

@@ -31,6 +31,7 @@ with workflow.unsafe.imports_passed_through():
         decisions,
         notify,
     )
+    from stigmer.runner.attempts import MODEL_CALLS, TOOL_CALLS, Retries
 
 LIMIT_REACHED = "limit_reached"  # the failure's type: the API records it as the execution's error code
 OUTPUT_TOOL = "final_result"  # the structured answer (an output schema) is a tool call, not a tool's
@@ -62,8 +63,10 @@ class Budget:
         used_seconds = int(self.used_seconds())
         if "seconds" in self.allowed and used_seconds >= self.allowed["seconds"]:
             return "seconds", used_seconds, self.allowed["seconds"]
+        # the agent library counts a request or a tool call once: the attempts Temporal retried, on top
+        retries: Retries = workflow.instance()
         if Agent.is_model_request_node(node):
-            requests = usage.requests
+            requests = usage.requests + retries.extra(MODEL_CALLS)
             if requests >= self.allowed.get("model_calls", requests + 1):
                 return "model_calls", requests, self.allowed["model_calls"]
             tokens = usage.input_tokens + usage.output_tokens
@@ -71,7 +74,7 @@ class Budget:
                 return "tokens", tokens, self.allowed["tokens"]
         if Agent.is_call_tools_node(node):
             asked = sum(1 for c in node.model_response.tool_calls if c.tool_name != OUTPUT_TOOL)
-            calls = usage.tool_calls
+            calls = usage.tool_calls + retries.extra(TOOL_CALLS)
             if asked and calls + asked > self.allowed.get("tool_calls", calls + asked):
                 return "tool_calls", calls, self.allowed["tool_calls"]
         return None

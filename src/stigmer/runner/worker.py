@@ -128,6 +128,7 @@ async def serve(settings: Settings, paths: Paths, stop: asyncio.Event, stamp: Pa
     from temporalio.client import Client
     from temporalio.worker import Worker
 
+    from stigmer.runner.attempts import CountAttempts
     from stigmer.runner.registry import activities, workflows
 
     warming = asyncio.create_task(asyncio.to_thread(warm_up))
@@ -145,6 +146,7 @@ async def serve(settings: Settings, paths: Paths, stop: asyncio.Event, stamp: Pa
             workflows=workflows(),
             activities=activities(),
             workflow_runner=sandbox(),
+            interceptors=[CountAttempts()],  # retried attempts, counted by their workflow (limits)
             graceful_shutdown_timeout=GRACE,  # pausing lets the calls in flight finish
         )
         async with worker:

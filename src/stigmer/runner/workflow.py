@@ -29,6 +29,7 @@ with workflow.unsafe.imports_passed_through():
     from stigmer.runner import limits
     from stigmer.runner.agent import MODEL_PREFIX, RunDeps, agent, tool_agent
     from stigmer.runner.approvals import Approvals
+    from stigmer.runner.attempts import MODEL_CALLS, RETRIED_SIGNAL, TOOL_CALLS, Retries
     from stigmer.runner.llm import LlmTarget, default_max_tokens
     from stigmer.runner.transcript import TRANSCRIPT_FAILED
 
@@ -101,16 +102,22 @@ def _root(e: BaseException) -> str:
 
 
 @workflow.defn(name=WORKFLOW)
-class AgentExecution(PydanticAIWorkflow, Approvals):
+class AgentExecution(PydanticAIWorkflow, Approvals, Retries):
     __pydantic_ai_agents__ = [agent, tool_agent]
 
     def __init__(self) -> None:
         Approvals.__init__(self)
+        Retries.__init__(self)
 
     @workflow.signal(name=WAKE_SIGNAL)
     def wake(self, *_ignored: Any) -> None:
         """The API recorded a decision: read the decisions again (the signal itself carries nothing)."""
         self.woken = True
+
+    @workflow.signal(name=RETRIED_SIGNAL)
+    def retried(self, report: Any) -> None:
+        """A worker tries a model request or a tool call again (runner/attempts.py): count the attempt."""
+        self.note(report)
 
     @workflow.run
     async def run(self, given: dict[str, Any]) -> ExecutionOutput:
@@ -209,8 +216,8 @@ class AgentExecution(PydanticAIWorkflow, Approvals):
             endpoint=target.shown,
             input_tokens=usage.input_tokens or 0,
             output_tokens=usage.output_tokens or 0,
-            requests=usage.requests,
-            tool_calls=sum(1 for m in messages if m["role"] == "tool"),
+            requests=usage.requests + self.extra(MODEL_CALLS),  # retried attempts included
+            tool_calls=sum(1 for m in messages if m["role"] == "tool") + self.extra(TOOL_CALLS),
             messages=messages,
         )
 
