@@ -130,7 +130,7 @@ def fetch(url: str, *, allow: Sequence[str], max_bytes: int = 1_000_000, timeout
     current = url
     for _hop in range(MAX_REDIRECTS + 1):
         target = _target(current)
-        entry = next((e for e in entries if e.matches(target.host, target.port, target.scheme)), None)
+        entry = match_entry(entries, target.host, target.port, target.scheme)
         if entry is None:
             listed = ", ".join(allow) or "nothing"
             raise ToolFailure(
@@ -157,12 +157,17 @@ def parse_allow_entry(entry: str) -> AllowEntry:
     if "*" in text:
         raise ValueError(f"{entry!r}: '*' may only start an entry, as in *.example.com")
     host_text, port = _host_port(text, entry)
-    host = _normal_host(host_text)
+    host = normalize_host(host_text)
     if host is None:
         raise ValueError(f"{entry!r} is not a host name or address")
     if wildcard and (_ip(host) is not None or "." not in host):
         raise ValueError(f"{entry!r}: a wildcard needs a domain with a dot, as in *.example.com")
     return AllowEntry(host, port, wildcard)
+
+
+def match_entry(entries: Sequence[AllowEntry], host: str, port: int, scheme: str) -> AllowEntry | None:
+    """The first entry allowing a normalised host and port (see normalize_host), or None."""
+    return next((e for e in entries if e.matches(host, port, scheme)), None)
 
 
 def is_public(address: IPAddress) -> bool:
@@ -232,7 +237,7 @@ def _ip(host: str) -> IPAddress | None:
         return None
 
 
-def _normal_host(host: str) -> str | None:
+def normalize_host(host: str) -> str | None:
     """Lower-case, no trailing dot, addresses in their canonical form, names in IDNA; None if invalid."""
     host = host.lower()
     if host.endswith(".") and not host.endswith(".."):
@@ -268,7 +273,7 @@ def _target(url: object) -> _Target:
         port = parts.port or DEFAULT_PORTS[scheme]
     except ValueError:
         raise ToolFailure("the URL's port must be a number from 1 to 65535") from None
-    host = _normal_host(parts.hostname or "")
+    host = normalize_host(parts.hostname or "")
     if host is None:
         raise ToolFailure(f"the URL's host {parts.netloc[:100]!r} is not a valid host name or address")
     path = parts.path or "/"
@@ -286,28 +291,30 @@ def _resolve(host: str, port: int) -> list[IPAddress]:
     return found
 
 
-def _addresses(target: _Target, entry: AllowEntry) -> list[IPAddress] | None:
-    """The checked addresses to connect to; None when the name does not resolve here."""
-    literal = _ip(target.host)
+def checked_addresses(host: str, port: int, entry: AllowEntry) -> list[IPAddress] | None:
+    """The addresses a normalised host allowed by `entry` may be reached at (connect to these, do not
+    resolve again); None when a name does not resolve here. ToolFailure when it must not be reached: a
+    private or local address under an entry that is not that literal address (or localhost)."""
+    literal = _ip(host)
     if literal is not None:
         found = [literal]
     else:
         try:
-            found = _resolve(target.host, target.port)
+            found = _resolve(host, port)
         except OSError:
             if entry.literal:  # localhost: never left to a proxy
-                raise ToolFailure(f"could not resolve the host name {target.host}") from None
+                raise ToolFailure(f"could not resolve the host name {host}") from None
             return None
     if not found:
-        raise ToolFailure(f"could not resolve the host name {target.host}")
-    if target.host == "localhost" and not all(a.is_loopback for a in found):
+        raise ToolFailure(f"could not resolve the host name {host}")
+    if host == "localhost" and not all(a.is_loopback for a in found):
         raise ToolFailure(
             "localhost does not resolve to this machine only here; allow 127.0.0.1:PORT instead"
         )
     private = [a for a in found if not is_public(a)]
     if private and not entry.literal:
         raise ToolFailure(
-            f"{target.host} resolves to a private or local address ({private[0]}), which is refused; "
+            f"{host} resolves to a private or local address ({private[0]}), which is refused; "
             "the agent file must allow that address itself (e.g. 127.0.0.1:8080) to reach it"
         )
     return found
@@ -341,7 +348,7 @@ def _request(
     target: _Target, entry: AllowEntry, *, max_bytes: int, deadline: float, timeout: float
 ) -> FetchResult | str:
     """One hop: the result, or the next URL when the answer is a redirect."""
-    addresses = _addresses(target, entry)
+    addresses = checked_addresses(target.host, target.port, entry)
     local = addresses is not None and not all(is_public(a) for a in addresses)
     proxy = None if local else _proxy(target.scheme, target.host)
     if addresses is None and proxy is None:
@@ -399,7 +406,7 @@ def _open(
             return client.send(request, stream=True)
         except httpx.ConnectError as e:
             failure = e
-    assert failure is not None  # _addresses never returns an empty list
+    assert failure is not None  # checked_addresses never returns an empty list
     raise failure
 
 
