@@ -90,6 +90,31 @@ def spawn(pid_file: str) -> str:
 
 
 @server.tool()
+def attempt(kind: str, target: str) -> str:
+    """Try something a sandboxed server must not do (read, write, connect, run); "ok: ..." or "refused: ..."."""
+    import socket
+
+    try:
+        if kind == "read":
+            with open(target, "rb") as f:
+                return "ok: " + f.read(200).decode(errors="replace")
+        if kind == "write":
+            with open(target, "w", encoding="utf-8") as f:
+                f.write("written by the MCP server")
+            return "ok: written"
+        if kind == "connect":
+            host, _, port = target.rpartition(":")
+            socket.create_connection((host, int(port)), timeout=3).close()
+            return "ok: connected"
+        if kind == "run":
+            done = subprocess.run(["sh", "-c", target], capture_output=True, text=True, timeout=10)
+            return f"ok: exit {done.returncode}: {done.stdout}{done.stderr}"
+    except OSError as e:
+        return f"refused: {e}"
+    return "unknown kind"
+
+
+@server.tool()
 def pid() -> str:
     """This server's pid."""
     return str(os.getpid())

@@ -222,6 +222,8 @@ class Server:
             env.update(box.env)
             if procs.available():
                 argv = procs.guarded_argv(argv, grace=GUARDIAN_GRACE, policy=box.policy)
+            else:
+                argv = call.confined_argv(argv, box.policy)
             self.stderr = Stderr(self.name)
             transport = StdioTransport(
                 command=argv[0], args=argv[1:], env=env, keep_alive=True, log_file=self.stderr.writer

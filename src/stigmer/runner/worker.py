@@ -130,6 +130,7 @@ async def serve(settings: Settings, paths: Paths, stop: asyncio.Event, stamp: Pa
 
     from stigmer.runner.attempts import CountAttempts
     from stigmer.runner.registry import activities, workflows
+    from stigmer.runner.summaries import ToolSummaries
 
     warming = asyncio.create_task(asyncio.to_thread(warm_up))
     if not await check_api(paths, stop):
@@ -146,7 +147,8 @@ async def serve(settings: Settings, paths: Paths, stop: asyncio.Event, stamp: Pa
             workflows=workflows(),
             activities=activities(),
             workflow_runner=sandbox(),
-            interceptors=[CountAttempts()],  # retried attempts, counted by their workflow (limits)
+            # retried attempts, counted by their workflow (limits); each tool call's sandbox in its summary
+            interceptors=[CountAttempts(), ToolSummaries()],
             graceful_shutdown_timeout=GRACE,  # pausing lets the calls in flight finish
         )
         async with worker:

@@ -51,6 +51,22 @@ def enforced() -> str:
     return "not confined on this platform (environment and process tree only)"
 
 
+def confined_argv(argv: list[str], policy: Policy | None, platform: str = sys.platform) -> list[str]:
+    """argv as started where the guardian does not apply the policy: under sandbox-exec on macOS (when
+    it is there); as is elsewhere (Windows: not confined; Linux: the guardian does it)."""
+    if policy is None or platform != "darwin":
+        return argv
+    from stigmer.sandbox import macos
+
+    if not os.path.exists(macos.SANDBOX_EXEC):
+        if policy.require:
+            raise rules.SandboxOptionError(
+                f"{macos.SANDBOX_EXEC} is missing and tools.require_sandbox is true"
+            )
+        return argv
+    return macos.argv(policy, argv)
+
+
 def require() -> bool:
     """tools.require_sandbox: refuse to run tools the kernel cannot confine."""
     from stigmer.config import store

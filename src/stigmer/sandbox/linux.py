@@ -55,6 +55,7 @@ def loads(text: str) -> Spec:
         raise SandboxError("the policy is not a JSON object")
     return value
 
+
 PR_CAPBSET_DROP = 24
 PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
 PR_SET_NO_NEW_PRIVS = 38

@@ -99,9 +99,8 @@ def exit_like(status: int | None) -> None:
 
 def confine(policy: str) -> None:
     """Apply the sandbox policy to this process (the command's, before exec)."""
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # -I -S: the standard library only
+    # -I -S: the standard library only; the package root by os.path (pathlib would import re: ~10 ms)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(__file__)))))
     from stigmer.sandbox import linux
 
     try:

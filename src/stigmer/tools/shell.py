@@ -94,7 +94,9 @@ def run(
     log.debug("running %s in %s%s", command, cwd, " under a guardian" if guarded else "")
     try:
         proc = subprocess.Popen(
-            procs.guarded_argv(command, grace=GUARDIAN_GRACE, policy=policy) if guarded else command,
+            procs.guarded_argv(command, grace=GUARDIAN_GRACE, policy=policy)
+            if guarded
+            else _confined(command, policy),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -127,6 +129,15 @@ def run(
         output += f"\n[timed out after {timeout:g}s: the command and the processes it started were stopped]"
     code = proc.returncode if proc.returncode is not None else -9  # as if killed (SIGKILL)
     return ShellResult(exit_code=code, output=output, timed_out=timed_out, truncated=out.truncated)
+
+
+def _confined(command: list[str], policy: Policy | None) -> list[str]:
+    """Without a guardian (macOS, Windows): the platform's own confinement, if any."""
+    if policy is None:
+        return command
+    from stigmer.sandbox.call import confined_argv
+
+    return confined_argv(command, policy)
 
 
 def command_argv(argv: object, *, allow_shell_string: bool) -> list[str]:
