@@ -75,5 +75,6 @@ def test_a_shell_call_of_a_killed_worker_dies_with_it_and_the_retry_says_so(
     assert log == ["start", "start", "done"]  # the first run was cut off; only the retry finished
     tool = next(m for m in rec["messages"] if m["role"] == "tool")
     assert "may have run partly" in tool["content"]  # the record (and the model) are told
+    assert rec["tool_calls"] == 2  # both attempts count (limits count retried attempts too)
     stream = run_cli("execution", "logs", exec_id).stdout
     assert "may have run partly" in stream
