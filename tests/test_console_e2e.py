@@ -334,6 +334,8 @@ def test_an_approval_is_answered_from_the_inbox(console: Console) -> None:
 
 
 def test_an_approval_is_asked_inline_in_chat(console: Console) -> None:
+    # its own agent file (the same as the inbox's test): it does not depend on which tests ran before
+    _apply(console, "name: ops\ninstructions: You run commands.\ntools:\n  - shell: {approval: required}\n")
     console.fake.script += [tool_call("run_command", argv=["rm", "-rf", "x"]), {"content": "I did not."}]
     page = console.signed_in()
     page.goto("/ui/chat?agent=ops")
@@ -458,6 +460,10 @@ def test_a_page_on_another_localhost_port_cannot_change_anything(console: Consol
 
 # -- every page: phone width, light and dark, no console errors ----------------------------------------------
 def test_every_page_fits_a_phone_in_light_and_dark_without_console_errors(console: Console) -> None:
+    if not console.api().get("/v1/sessions"):  # run alone: a session (and execution) of its own for the pages
+        console.fake.script += [{"content": "Hello."}]
+        made = console.api().post("/v1/executions", {"agent": "default", "message": "Hi", "session": "phone"})
+        wait_until(lambda: in_state(made["id"], "COMPLETED", "FAILED"), 120)
     exec_id = console.api().get("/v1/executions?limit=1")[0]["id"]
     pages = {**PAGES, "execution": f"/ui/executions/{exec_id}", "new-agent": "/ui/agents/new"}
     errors: list[str] = []

@@ -92,7 +92,7 @@ def test_a_hostile_agents_commands_fail_and_the_policy_is_on_the_record(
     assert "exit code 0" in told[5] and "fine" in told[5]
     # the stream (stigmer run's output) shows what each call could do
     assert (
-        run.stdout.count("sandbox: shell: rw ") == 6
+        run.stdout.count("sandbox: shell: [landlock ") == 6
         and "no network" in run.stdout
         and "landlock" in run.stdout
     )
@@ -100,10 +100,10 @@ def test_a_hostile_agents_commands_fail_and_the_policy_is_on_the_record(
     listed = json.loads(run_cli("execution", "list", "--json").stdout)
     rows = listed["executions"] if isinstance(listed, dict) else listed
     logs = run_cli("execution", "logs", rows[0]["id"]).stdout
-    assert logs.count("sandbox: shell: rw ") == 6 and "[landlock " in logs, logs
+    assert logs.count("sandbox: shell: [landlock ") == 6 and "] no network; rw " in logs, logs
     # Temporal's history (and its UI): each tool call's activity is summarized with its policy
     summaries = asyncio.run(_activity_summaries(isolated_home))
-    shell = [s for s in summaries if s.startswith("call tool: run_command [shell: rw ")]
+    shell = [s for s in summaries if s.startswith("call tool: run_command [shell: [landlock ")]
     assert len(shell) == 6 and all("no network" in s and "landlock" in s for s in shell), summaries
 
 

@@ -76,7 +76,7 @@ def test_engine_serves_under_its_policy(isolated_home: Paths, monkeypatch: pytes
     try:
         assert launch.inner(rec.argv) == list(spec.argv) and rec.argv[:3] == [sys.executable, "-I", "-S"]
         assert rec.command == list(spec.argv)
-        assert "engine: no writes" in rec.info["sandbox"]
+        assert rec.info["sandbox"].startswith("engine: network: ports ") and "; no writes;" in rec.info["sandbox"]
         # The launcher exec'd the engine: same pid, the engine's own command line, confined.
         assert psutil.Process(rec.pid).cmdline() == list(spec.argv)
         assert records.is_ours(rec) and services.record("llm") == rec

@@ -123,7 +123,7 @@ class StreamView:
             args = json.dumps(data.get("args") or {}, ensure_ascii=False)
             self._print(f"{marks['tool']} Tool: {data.get('name')}({_short(args, 200)})")
             if data.get("sandbox"):
-                self._print(f"   sandbox: {_short(str(data['sandbox']), 300)}")
+                self._print(f"   sandbox: {_short(str(data['sandbox']), 500)}")
         elif kind == E.TOOL_RESULT:
             self.answer = ""
             self._print(f"   {marks['arrow']} {_short(str(data.get('content', '')), 300)}")

@@ -60,7 +60,7 @@ class Policy:
     def summary(self, enforced: str = "") -> str:
         """One line: what the process could do. `enforced` names the mechanism (e.g. "landlock 7,
         seccomp"), or says it is not enforced."""
-        parts = [f"rw {_paths(self.write)}" if self.write else "no writes"]
+        parts = []  # what matters most first: a long path must not push it out of a shortened line
         if self.network == NONE:
             parts.append("no network")
         elif self.network == PORTS:
@@ -68,6 +68,7 @@ class Policy:
             parts.append(f"network: {where}")
         else:
             parts.append("network: any")
+        parts.append(f"rw {_paths(self.write)}" if self.write else "no writes")
         if self.bind is not None:
             parts.append("listen: " + (", ".join(map(str, self.bind)) or "none"))
         limits = self.limits
@@ -79,8 +80,7 @@ class Policy:
             parts.append(f"files <= {limits.file_size // (1024 * 1024)} MB")
         if limits.processes:
             parts.append(f"+{limits.processes} processes")
-        text = f"{self.name}: " + "; ".join(parts)
-        return f"{text} [{enforced}]" if enforced else text
+        return f"{self.name}: " + (f"[{enforced}] " if enforced else "") + "; ".join(parts)
 
 
 def _paths(paths: tuple[str, ...]) -> str:

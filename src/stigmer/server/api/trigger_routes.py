@@ -29,6 +29,9 @@ def is_hook_path(path: str) -> bool:
     return path.startswith(HOOK_PREFIX)
 
 
+DRAIN_LIMIT = 32 * 1024 * 1024  # a body over MAX_HOOK_BODY is read this far so that its sender gets the 413
+
+
 def _too_large() -> StigmerError:
     return StigmerError("The webhook body is larger than 1 MB.", code=ErrorCode.TOO_LARGE)
 
@@ -104,15 +107,20 @@ def routes(ex: Callable[[], Any], port: int) -> list[Route]:
 
     async def deliver(request: Request) -> JSONResponse:
         declared = request.headers.get("content-length", "")
-        if declared.isascii() and declared.isdigit() and int(declared) > MAX_HOOK_BODY:
-            raise _too_large()
+        if declared.isascii() and declared.isdigit() and int(declared) > DRAIN_LIMIT:
+            raise _too_large()  # not read at all: the connection closes
         chunks: list[bytes] = []
         size = 0
         async for chunk in request.stream():
             size += len(chunk)
-            if size > MAX_HOOK_BODY:
+            if size > DRAIN_LIMIT:
                 raise _too_large()
-            chunks.append(chunk)
+            if size <= MAX_HOOK_BODY:
+                chunks.append(chunk)
+        if size > MAX_HOOK_BODY:
+            # Read to its end (bounded), then refused: a sender still writing when the connection closed
+            # would see a broken pipe instead of the 413 that says why (GitHub sends up to 25 MB).
+            raise _too_large()
         body = b"".join(chunks)
         found = tr().verify(request.path_params["name"], body, request.headers.get("x-hub-signature-256"))
         if found is None:
