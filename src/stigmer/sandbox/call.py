@@ -43,12 +43,20 @@ def enforced() -> str:
             if abi
             else "NO landlock: files not confined"
         ]
-        if linux.seccomp_program(os.uname().machine, "none") is not None:
+        if linux.seccomp_program(os.uname().machine, "none") is not None and _kernel_has_seccomp():
             parts.append("seccomp")
         return ", ".join(parts)
     if sys.platform == "darwin":
         return "sandbox-exec"
     return "not confined on this platform (environment and process tree only)"
+
+
+def _kernel_has_seccomp() -> bool:
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            return any(line.startswith("Seccomp:") for line in f)
+    except OSError:
+        return False
 
 
 def confined_argv(argv: list[str], policy: Policy | None, platform: str = sys.platform) -> list[str]:
