@@ -8,6 +8,7 @@ import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -114,8 +115,15 @@ def test_a_version_that_exits_at_once_is_rolled_back_and_the_old_one_serves_agai
 
 
 def test_a_runtime_not_running_is_checked_alone_on_a_free_port(
-    isolated_home: Paths, env: dict[str, str]
+    isolated_home: Paths, env: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    started: list[Any] = []  # the specs really started (a spy: the start itself is the real one)
+    real_start = Services.start
+    def spy(self: Services, spec: Any, *args: Any, **kwargs: Any) -> Any:
+        started.append(spec)
+        return real_start(self, spec, *args, **kwargs)
+
+    monkeypatch.setattr(Services, "start", spy)
     install_first(isolated_home, env)
     s = settings(isolated_home, env)
     root = install.runtime_root(isolated_home)
@@ -132,6 +140,8 @@ def test_a_runtime_not_running_is_checked_alone_on_a_free_port(
     assert result.outcome == "upgraded" and not result.restarted and current_folder(root) == "v0.34.0"
     assert not OllamaProvider(s, isolated_home).is_running()  # the check's runtime was stopped again
     assert Services(isolated_home).record("llm-upgrade-check") is None
+    checks = [spec for spec in started if spec.name == "llm-upgrade-check"]
+    assert checks and all(spec.sandbox is not None and spec.sandbox.name == "ollama" for spec in checks)
 
 
 def test_upgrade_refuses_what_is_not_its_to_change(isolated_home: Paths, env: dict[str, str]) -> None:

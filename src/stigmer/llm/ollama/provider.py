@@ -40,6 +40,7 @@ from stigmer.services.spec import ServiceSpec
 
 if TYPE_CHECKING:
     from stigmer.hw.report import HardwareReport
+    from stigmer.sandbox.policy import Policy
 
 log = logging.getLogger(__name__)
 
@@ -221,16 +222,22 @@ class OllamaProvider(Provider, LocalRuntime, ModelCatalog):
             binary = self.runtime_binary()
         assert binary is not None
         report(Event(STARTING, "Starting local LLM server"))
-        env, sandbox = self.server_env(), None
-        if sys.platform.startswith("linux"):
-            from stigmer.sandbox.engines import ollama
-
-            tmp = self.paths.data_dir / "ollama-tmp"  # its temporary files, where its policy lets it write
-            sandbox = ollama(self.paths, self.settings, binary=binary, tmp=tmp, environ=env)
-            env["TMPDIR"] = str(tmp)
+        env, sandbox = self.confined_env(binary)
         return self.llm_spec(
             self.server_argv(binary), env, what="Local LLM server", model=model or self.model, sandbox=sandbox
         )
+
+    def confined_env(self, binary: str) -> tuple[dict[str, str], Policy | None]:
+        """The runtime's environment and, on Linux, the sandbox policy it starts under (its temporary
+        files go where that policy lets it write)."""
+        env = self.server_env()
+        if not sys.platform.startswith("linux"):
+            return env, None
+        from stigmer.sandbox.engines import ollama
+
+        tmp = self.paths.data_dir / "ollama-tmp"
+        env["TMPDIR"] = str(tmp)
+        return env, ollama(self.paths, self.settings, binary=binary, tmp=tmp, environ=env)
 
     def healthy(self) -> bool:
         try:

@@ -170,12 +170,13 @@ def _check_alone(settings: Settings, paths: Paths, version: str, report: Reporte
             hint="Run the command again.",
             code=ErrorCode.INSTALL_FAILED,
         )
-    env = checker.server_env()
+    env, sandbox = checker.confined_env(binary)  # the new program runs confined from its first start
     env["OLLAMA_NOPRUNE"] = "1"  # a check must not touch the model store (it prunes old partial files)
     spec = ServiceSpec(
         name=CHECK_SERVICE,
         argv=checker.server_argv(binary),
         env=env,
+        sandbox=sandbox,
         ready=checker.healthy,
         what=f"Local LLM runtime {version} (health check)",
         address=("127.0.0.1", int(checker.base_url.rsplit(":", 1)[1])),
