@@ -12,6 +12,7 @@ tool. "Always" answers stand for that tool for the rest of the execution.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -89,11 +90,7 @@ async def decide(ctx: RunContext[Any], requests: DeferredToolRequests) -> Deferr
         else:
             waiting.append(call)
     if waiting:
-        began = workflow.now()
-        try:
-            await _ask(state, execution_id, ticket, waiting)
-        finally:
-            state.waited += (workflow.now() - began).total_seconds()
+        await _ask(state, execution_id, ticket, waiting)
         for c in waiting:
             d = state.decisions.get(c.tool_call_id)
             approve = d.approve if d is not None else state.always[c.tool_name]
@@ -103,44 +100,52 @@ async def decide(ctx: RunContext[Any], requests: DeferredToolRequests) -> Deferr
 
 async def _ask(state: Approvals, execution_id: str, ticket: str, waiting: list[Any]) -> None:
     """Tell the API which calls wait for a person, then wait until each has a decision."""
-    await workflow.execute_activity(
-        notify,
-        NotifyInput(
-            execution_id=execution_id,
-            ticket=ticket,
-            events=[
-                {
-                    "type": "approval_required",
-                    "id": c.tool_call_id,
-                    "name": c.tool_name,
-                    "args": c.args_as_dict(),
-                }
-                for c in waiting
-            ],
-        ),  # fmt: skip
-        start_to_close_timeout=timedelta(seconds=90),
-        retry_policy=_RETRY,
-    )
+    events = [
+        {"type": "approval_required", "id": c.tool_call_id, "name": c.tool_name, "args": c.args_as_dict()}
+        for c in waiting
+    ]
     ids = [c.tool_call_id for c in waiting]
 
-    def answered(i: str) -> bool:
-        return i in state.decisions or _by_always(state, waiting, i)
+    def pending() -> list[str]:
+        return [i for i in ids if i not in state.decisions and not _by_always(state, waiting, i)]
 
-    while not all(answered(i) for i in ids):
-        try:
-            await workflow.wait_condition(lambda: state.woken, timeout=RECHECK)
-        except TimeoutError:
-            pass
-        state.woken = False
-        for found in await workflow.execute_activity(
-            decisions,
-            DecisionsInput(
-                execution_id=execution_id, ticket=ticket, call_ids=[i for i in ids if not answered(i)]
-            ),
-            start_to_close_timeout=timedelta(seconds=30),
+    await ask_person(state, execution_id, ticket, events, pending, state.record)
+
+
+async def ask_person(
+    state: Approvals,
+    execution_id: str,
+    ticket: str,
+    events: list[dict[str, Any]],
+    pending: Callable[[], list[str]],
+    take: Callable[[Decision], None],
+) -> None:
+    """Post the `approval_required` events through the API, then wait (woken by the API's signal, or
+    asking it every RECHECK) until `pending()` is empty, handing each decision found to `take`. The
+    time spent is the person's, not the execution's: it is added to `state.waited` (limits.py)."""
+    began = workflow.now()
+    try:
+        await workflow.execute_activity(
+            notify,
+            NotifyInput(execution_id=execution_id, ticket=ticket, events=events),
+            start_to_close_timeout=timedelta(seconds=90),
             retry_policy=_RETRY,
-        ):
-            state.record(found)
+        )
+        while pending():
+            try:
+                await workflow.wait_condition(lambda: state.woken, timeout=RECHECK)
+            except TimeoutError:
+                pass
+            state.woken = False
+            for found in await workflow.execute_activity(
+                decisions,
+                DecisionsInput(execution_id=execution_id, ticket=ticket, call_ids=pending()),
+                start_to_close_timeout=timedelta(seconds=30),
+                retry_policy=_RETRY,
+            ):
+                take(found)
+    finally:
+        state.waited += (workflow.now() - began).total_seconds()
 
 
 def _by_always(state: Approvals, calls: list[Any], call_id: str) -> bool:

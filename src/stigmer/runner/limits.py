@@ -15,22 +15,14 @@ again; denying ends the execution FAILED with the type `limit_reached`, with the
 from __future__ import annotations
 
 import asyncio
-from datetime import timedelta
 from typing import Any
 
 from temporalio import workflow
 from temporalio.exceptions import ApplicationError
 
 with workflow.unsafe.imports_passed_through():
-    from stigmer.runner.approvals import (
-        _RETRY,
-        RECHECK,
-        Approvals,
-        DecisionsInput,
-        NotifyInput,
-        decisions,
-        notify,
-    )
+    from stigmer.executions.messages import Decision
+    from stigmer.runner.approvals import Approvals, ask_person
     from stigmer.runner.attempts import MODEL_CALLS, TOOL_CALLS, Retries
 
 LIMIT_REACHED = "limit_reached"  # the failure's type: the API records it as the execution's error code
@@ -91,47 +83,20 @@ async def ask(budget: Budget, execution_id: str, ticket: str, crossed: tuple[str
     reason = f"limit: {name} {used} of {limit}"
     more = f"{budget.base[name]:,} more {name.replace('_', ' ')}"
     state: Approvals = workflow.instance()
-    began = workflow.now()
-    try:
-        return await _wait(state, execution_id, ticket, call_id, reason, more)
-    finally:
-        state.waited += (workflow.now() - began).total_seconds()
+    event = {
+        "type": "approval_required",
+        "id": call_id,
+        "name": "limit",
+        "args": {"reason": reason, "approve": f"grants {more}"},
+        "reason": reason,
+    }
 
+    def take(found: Decision) -> None:
+        state.decisions[found.call_id] = found  # never an "always": each crossing is asked
 
-async def _wait(
-    state: Approvals, execution_id: str, ticket: str, call_id: str, reason: str, more: str
-) -> bool:
-    await workflow.execute_activity(
-        notify,
-        NotifyInput(
-            execution_id=execution_id,
-            ticket=ticket,
-            events=[
-                {
-                    "type": "approval_required",
-                    "id": call_id,
-                    "name": "limit",
-                    "args": {"reason": reason, "approve": f"grants {more}"},
-                    "reason": reason,
-                }
-            ],
-        ),  # fmt: skip
-        start_to_close_timeout=timedelta(seconds=90),
-        retry_policy=_RETRY,
+    await ask_person(
+        state, execution_id, ticket, [event], lambda: [] if call_id in state.decisions else [call_id], take
     )
-    while call_id not in state.decisions:
-        try:
-            await workflow.wait_condition(lambda: state.woken, timeout=RECHECK)
-        except TimeoutError:
-            pass
-        state.woken = False
-        for found in await workflow.execute_activity(
-            decisions,
-            DecisionsInput(execution_id=execution_id, ticket=ticket, call_ids=[call_id]),
-            start_to_close_timeout=timedelta(seconds=30),
-            retry_policy=_RETRY,
-        ):
-            state.decisions[found.call_id] = found  # never an "always": each crossing is asked
     return state.decisions[call_id].approve
 
 
