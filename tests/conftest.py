@@ -95,35 +95,53 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
         return (yield)
 
 
-@pytest.fixture(autouse=True)
-def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Paths:
-    home = tmp_path / "stigmer-home"
-    user_home = tmp_path / "user-home"
-    user_home.mkdir()
-    monkeypatch.setenv("STIGMER_HOME", str(home))
-    monkeypatch.setenv("HOME", str(user_home))
-    monkeypatch.setenv("OLLAMA_MODELS", str(user_home / ".ollama" / "models"))
-    monkeypatch.setenv("NO_COLOR", "1")
-    for var in [v for v in os.environ if v.startswith("STIGMER_") and v != "STIGMER_HOME"]:
-        monkeypatch.delenv(var)
-    for var in PROXY_VARS:
-        monkeypatch.delenv(var, raising=False)
-    for var in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "TEMPORAL_SERVICE_ADDRESS", "HF_TOKEN"):
-        monkeypatch.delenv(var, raising=False)
-    # A server started by a test never takes the real ports (7233, 7234, 8233): free ones instead.
+def isolated_env(root: Path) -> dict[str, str]:
+    """The environment of a test's own Stigmer: its home and user home under `root`; free ports, never the
+    real ones (7233, 7234, 8233); nothing that reaches the internet: the real registry, release server and
+    Hugging Face are dead local addresses unless a test points them at its stand-in."""
     from tests.doubles.archives import free_port
 
-    monkeypatch.setenv("STIGMER_SERVER_PORT", str(free_port()))
-    monkeypatch.setenv("STIGMER_TEMPORAL_ADDRESS", f"127.0.0.1:{free_port()}")
-    monkeypatch.setenv("STIGMER_TEMPORAL_UI_PORT", str(free_port()))
-    monkeypatch.setenv("STIGMER_DAEMON_CHECK_INTERVAL", "0.25")
-    # Nothing reaches the internet from a test: the real registry, release server and Hugging Face are
-    # replaced by dead local addresses unless a test points them at its stand-in.
-    monkeypatch.setenv("STIGMER_LLM_REGISTRY_URL", f"http://127.0.0.1:{free_port()}")
-    monkeypatch.setenv("STIGMER_LLM_DOWNLOAD_URL", f"http://127.0.0.1:{free_port()}/releases")
-    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")
-    monkeypatch.setenv("STIGMER_LLM_UPDATE_CHECK", "false")  # tests of the check turn it on
-    return Paths(home)
+    user_home = root / "user-home"
+    user_home.mkdir(exist_ok=True)
+    return {
+        "STIGMER_HOME": str(root / "stigmer-home"),
+        "HOME": str(user_home),
+        "OLLAMA_MODELS": str(user_home / ".ollama" / "models"),
+        "NO_COLOR": "1",
+        "STIGMER_SERVER_PORT": str(free_port()),
+        "STIGMER_TEMPORAL_ADDRESS": f"127.0.0.1:{free_port()}",
+        "STIGMER_TEMPORAL_UI_PORT": str(free_port()),
+        "STIGMER_DAEMON_CHECK_INTERVAL": "0.25",
+        "STIGMER_LLM_REGISTRY_URL": f"http://127.0.0.1:{free_port()}",
+        "STIGMER_LLM_DOWNLOAD_URL": f"http://127.0.0.1:{free_port()}/releases",
+        "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}",
+        "STIGMER_LLM_UPDATE_CHECK": "false",  # tests of the check turn it on
+    }
+
+
+KEY_VARS = ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "TEMPORAL_SERVICE_ADDRESS", "HF_TOKEN")
+
+
+def module_env(root: Path) -> dict[str, str]:
+    """For a server a test module starts once (run_cli(env=...)): this process's environment without
+    Stigmer's settings, proxies or keys, plus isolated_env(root)."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("STIGMER_") and k not in PROXY_VARS and k not in KEY_VARS
+    }
+    return {**env, **isolated_env(root)}
+
+
+@pytest.fixture(autouse=True)
+def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Paths:
+    for var in [v for v in os.environ if v.startswith("STIGMER_")]:
+        monkeypatch.delenv(var)
+    for var in (*PROXY_VARS, *KEY_VARS):
+        monkeypatch.delenv(var, raising=False)
+    for key, value in isolated_env(tmp_path).items():
+        monkeypatch.setenv(key, value)
+    return Paths(tmp_path / "stigmer-home")
 
 
 def stigmer_exe() -> list[str]:

@@ -20,8 +20,7 @@ from typing import Any
 import pytest
 
 from stigmer.paths import Paths
-from tests.conftest import PROXY_VARS, run_cli
-from tests.doubles.archives import free_port
+from tests.conftest import module_env, run_cli
 from tests.doubles.fake_llm_apis import FakeOpenAI
 from tests.executions import in_state, tool_call, wait_until
 
@@ -98,26 +97,11 @@ def console(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Console]:
     root = tmp_path_factory.mktemp("console")
     shots = Path(os.environ.get("CONSOLE_SHOTS") or tmp_path_factory.getbasetemp() / "console-shots")
     shots.mkdir(parents=True, exist_ok=True)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("STIGMER_") and k not in PROXY_VARS}
-    for var in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "TEMPORAL_SERVICE_ADDRESS", "HF_TOKEN"):
-        env.pop(var, None)
-    port = free_port()
-    (root / "home").mkdir()
+    env = module_env(root)
+    port = int(env["STIGMER_SERVER_PORT"])
     with FakeOpenAI(key="sk-console") as fake:
         env.update(
             {
-                "STIGMER_HOME": str(root / "stigmer-home"),
-                "HOME": str(root / "home"),
-                "OLLAMA_MODELS": str(root / "home" / ".ollama" / "models"),
-                "NO_COLOR": "1",
-                "STIGMER_SERVER_PORT": str(port),
-                "STIGMER_TEMPORAL_ADDRESS": f"127.0.0.1:{free_port()}",
-                "STIGMER_TEMPORAL_UI_PORT": str(free_port()),
-                "STIGMER_DAEMON_CHECK_INTERVAL": "0.25",
-                "STIGMER_LLM_REGISTRY_URL": f"http://127.0.0.1:{free_port()}",
-                "STIGMER_LLM_DOWNLOAD_URL": f"http://127.0.0.1:{free_port()}/releases",
-                "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}",
-                "STIGMER_LLM_UPDATE_CHECK": "false",
                 "STIGMER_LLM_PROVIDER": "openai",
                 "STIGMER_LLM_BASE_URL": fake.url + "/v1",
                 "OPENAI_API_KEY": "sk-console",

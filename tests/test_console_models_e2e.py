@@ -20,7 +20,7 @@ from urllib.parse import quote
 import pytest
 
 from stigmer.paths import Paths
-from tests.conftest import PROXY_VARS, run_cli
+from tests.conftest import module_env, run_cli
 from tests.doubles import gguf_writer as gw
 from tests.doubles.archives import free_port
 from tests.doubles.fake_registry import FakeRegistry
@@ -100,26 +100,12 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     shots.mkdir(parents=True, exist_ok=True)
     model = gw.write_gguf(root / "tiny.gguf", *gw.tiny_llama(n_vocab=VOCAB))
     spec = {"model": model, "template": "{{ .Prompt }}", "params": {"stop": ["<|im_end|>"]}}
-    env = {k: v for k, v in os.environ.items() if not k.startswith("STIGMER_") and k not in PROXY_VARS}
-    for var in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "TEMPORAL_SERVICE_ADDRESS", "HF_TOKEN"):
-        env.pop(var, None)
-    port = free_port()
-    (root / "home").mkdir()
+    env = module_env(root)
+    port = int(env["STIGMER_SERVER_PORT"])
     with FakeRegistry({PULLED: spec}, throttle=THROTTLE) as registry:
         env.update(
             {
-                "STIGMER_HOME": str(root / "stigmer-home"),
-                "HOME": str(root / "home"),
-                "OLLAMA_MODELS": str(root / "home" / ".ollama" / "models"),
-                "NO_COLOR": "1",
-                "STIGMER_SERVER_PORT": str(port),
-                "STIGMER_TEMPORAL_ADDRESS": f"127.0.0.1:{free_port()}",
-                "STIGMER_TEMPORAL_UI_PORT": str(free_port()),
-                "STIGMER_DAEMON_CHECK_INTERVAL": "0.25",
                 "STIGMER_LLM_REGISTRY_URL": registry.url,
-                "STIGMER_LLM_DOWNLOAD_URL": f"http://127.0.0.1:{free_port()}/releases",
-                "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}",
-                "STIGMER_LLM_UPDATE_CHECK": "false",
                 "STIGMER_LLM_PROVIDER": "llamacpp",
                 "STIGMER_LLM_BASE_URL": f"http://127.0.0.1:{free_port()}",
                 "STIGMER_LLM_CONTEXT_SIZE": "1024",
